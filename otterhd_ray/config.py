@@ -1,0 +1,220 @@
+"""One typed configuration tree for otterhd-ray.
+
+Every section is a pydantic v2 model with ``extra="forbid"``: an unknown key is an error that names the key and
+the file it came from. Configs are YAML files (``configs/``) plus dotted command-line overrides
+(``data.max_tokens=8192``), applied before validation so overrides are type-checked like file values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The seed's training prompt: `User:{instruction} Assistant:\x04 {answer}` + end token. `\x04` is written as the
+# literal token text `<0x04>` ("beginning of answer") so the tokenizer maps it to its special id.
+SEED_TRAIN_TEMPLATE = "User:{instruction} Assistant:"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------- data
+class DatasetSpec(Strict):
+    """One entry of a data mix (the seed's `Demo_Data.yaml` entries)."""
+
+    name: str
+    path: str = Field(description="Shard directory, glob or file; local path or s3:// / gs:// URI.")
+    num_samples: int = Field(
+        -1, description="-1: every sample once; larger than the dataset: repeats; smaller: fixed-seed subsample."
+    )
+
+
+class BucketConfig(Strict):
+    """Resolution buckets: the long side an image is resized to (aspect ratio kept)."""
+
+    mode: Literal["random", "nearest", "seed"] = Field(
+        "random",
+        description="random: seeded choice per sample; nearest: bucket closest to the native size; "
+        "seed: OtterHD's one random square of `seed_sizes` per batch (aspect ratio lost).",
+    )
+    long_sides: list[int] = Field(default_factory=lambda: [448, 512, 768, 1024])
+    native: bool = Field(True, description="Also offer the native size, capped at `native_max_hw`.")
+    native_max_hw: tuple[int, int] = (1080, 1920)
+    seed_sizes: list[int] = Field(default_factory=lambda: [448, 512, 768])
+
+
+class DataConfig(Strict):
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    tokenizer_path: str | None = Field(None, description="HF tokenizer dir; defaults to model.path.")
+    instruction_template: str = SEED_TRAIN_TEMPLATE
+    max_tokens: int = Field(16384, gt=0, description="Token budget of one packed micro-batch.")
+    max_samples_per_batch: int = Field(0, ge=0, description="Cap on samples in a micro-batch; 0: none.")
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Decompression-bomb limit (PIL's default); larger images are rejected."
+    )
+    preprocess_batch_size: int = Field(16, gt=0)
+    preprocess_concurrency: int = Field(0, ge=0, description="Ray Data tasks for preprocessing; 0: auto.")
+    rejects_path: str | None = Field(None, description="Where rejected rows are written (parquet).")
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    flavour: Literal["fuyu-8b", "debug"] = "debug"
+    path: str | None = Field(None, description="Local HF Fuyu directory to load weights (and tokenizer) from.")
+    num_layers: int | None = Field(None, description="Override the flavour's depth (benchmarks).")
+    attention: Literal["auto", "flash", "varlen", "flex", "sdpa", "eager"] = "auto"
+    compile: bool = False
+    fused_ops: Literal["auto", "none", "compile", "triton", "liger"] = "auto"
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
+
+
+# ------------------------------------------------------------------------------------------- training
+class OptimConfig(Strict):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+
+
+class DeepSpeedConfig(Strict):
+    enabled: bool = True
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    torch_adam: bool = Field(True, description="Use torch AdamW inside DeepSpeed (no JIT fused_adam build).")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0: run all epochs.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: only at the end.")
+    log_every_steps: int = Field(10, gt=0)
+    save_hf_model: bool = False
+    output_dir: str = "outputs"
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Cluster address; default: RAY_ADDRESS or a local cluster.")
+    name: str = "otterhd"
+    storage_path: str = Field("outputs/ray", description="Local dir or s3:// / gs:// URI for checkpoints.")
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    num_to_keep: int = 2
+
+
+class WandbConfig(Strict):
+    enabled: bool = False
+    project: str = "otterhd-ray"
+    entity: str | None = None
+    run_name: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+
+
+class FinetuneConfig(Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _tokenizer_defaults_to_model(self) -> FinetuneConfig:
+        if self.data.tokenizer_path is None and self.model.path is not None:
+            self.data.tokenizer_path = self.model.path
+        return self
+
+
+# ------------------------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the file."""
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["data.max_tokens=8192", "ray.use_gpu=true"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(cls: type[C], raw: dict[str, Any], source: str = "<dict>") -> C:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(raw).__name__}")
+    return raw
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load `path` (YAML) into `cls`, applying dotted `overrides` first; errors name key and file."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        raw = deep_merge(raw, parse_overrides(overrides))
+        source += " (with command-line overrides)"
+    return validate_config(cls, raw, source)
+
+
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    return load_config(FinetuneConfig, path, overrides)
