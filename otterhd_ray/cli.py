@@ -1,0 +1,149 @@
+"""The `otterhd` command.
+
+    otterhd data synth --out DIR [--train N] [--bench M] [--seed S] [--bad K]
+    otterhd data convert --instructions X.json --images Y.parquet --out DIR
+    otterhd data stats --config FILE [key.path=value ...]
+    otterhd finetune --config FILE [key.path=value ...]
+    otterhd export CHECKPOINT OUT_DIR
+    otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
+    otterhd demo [--workdir DIR]
+
+Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from otterhd_ray.config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "--confg", dest="config", required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_tokens=8192")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from otterhd_ray.data.synth import synthesize
+
+    stats = synthesize(args.out, num_train=args.train, num_bench=args.bench, seed=args.seed, num_bad=args.bad)
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from otterhd_ray.data.shards import convert_mimicit
+
+    stats = convert_mimicit(
+        args.instructions,
+        args.images,
+        args.out,
+        source=args.source,
+        group_related=args.group_related,
+        train_config=args.train_config,
+    )
+    print(stats)
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from otterhd_ray.config import load_finetune_config
+    from otterhd_ray.data.pipeline import run_pipeline_stats
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    run_pipeline_stats(cfg, world_size=args.world_size)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from otterhd_ray.config import load_finetune_config
+    from otterhd_ray.train.trainer import run_finetune
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    run_finetune(cfg)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from otterhd_ray.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported HF model to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from otterhd_ray.evaluate import main as evaluate_main
+
+    argv = ["--config", args.config, *args.overrides]
+    return evaluate_main(argv) or 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from otterhd_ray.demo import run_demo
+
+    run_demo(args.workdir, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otterhd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="generate synthetic training shards and a MagnifierBench-style benchmark")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=256, help="training samples")
+    p.add_argument("--bench", type=int, default=32, help="benchmark items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bad", type=int, default=0, help="inject this many bad rows (to exercise rejects)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = data.add_parser("convert", help="MIMIC-IT/Otter instruction JSON + images -> Parquet shards")
+    p.add_argument("--instructions", required=True)
+    p.add_argument("--images", required=True, help="images parquet (base64 column) or legacy id->base64 JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", default=None, help="dataset name stored in each row (default: file stem)")
+    p.add_argument("--train-config", default=None, help="Otter train config JSON (ins id -> related ids)")
+    p.add_argument("--group-related", action="store_true", help="rel_ins_ids become one multi-turn sample")
+    p.set_defaults(func=_cmd_convert)
+
+    p = data.add_parser("stats", help="run the input pipeline once and print bucket/packing/reject stats")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=1)
+    p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("finetune", help="fine-tune with Ray Train + DeepSpeed")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("export", help="training checkpoint -> HF model directory")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
+    p.add_argument("--workdir", default="demo_output")
+    p.add_argument("--steps", default="all", help="comma list of: data,finetune,export,evaluate (default all)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"otterhd: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
