@@ -1,0 +1,244 @@
+"""Image -> 30x30 patches and prompt -> token ids, in transformers' Fuyu layout (numpy; torch optional).
+
+Shapes (docs/internals.md): `P` patches, `C` = 2700 values per patch (30*30*3), `T` tokens.
+
+Image path, matching transformers 5.17 `FuyuImageProcessor` (PIL backend) step for step:
+1. RGB (`convert("RGB")`, as `load_image` does);
+2. resize with PIL bilinear: `size=None` shrinks (never enlarges) to fit 1080x1920 keeping aspect, with HF's own
+   `int(side * scale)` rounding; `size=(h, w)` resizes to exactly (h, w) (the bucket policy chose it);
+3. pad bottom/right with pixel value 1 -- HF pads the *uint8* image with `padding_value=1.0` *before* rescaling,
+   so the pad is the integer pixel 1 (normalised: (1/255 - 0.5)/0.5 = -0.99216), not white;
+4. emit only the patches covering the unpadded area rounded up to 30, row-major, each flattened as (30, 30, 3).
+Patches stay uint8 (4x smaller than float32 through Ray's object store); `normalize_patches` gives HF's float32
+values bit for bit on whichever device the batch lands.
+
+Token layout of one image + prompt (HF `FuyuProcessor`): `[|SPEAKER| x cols, |NEWLINE|] x rows`, `<s>`, then
+`tokenizer(prompt + "<0x04>")` without special tokens. Training appends ` {answer}` + end token per turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from otterhd_ray.config import SEED_TRAIN_TEMPLATE
+from otterhd_ray.data.images import BadSample
+from otterhd_ray.data.tokenizer import BOA_TOKEN, FuyuTokens, fuyu_tokens
+
+PATCH = 30
+PATCH_DIM = PATCH * PATCH * 3
+HF_MAX_HW = (1080, 1920)  # FuyuImageProcessor.size
+PAD_PIXEL = 1  # HF's padding_value=1.0 applied to the uint8 image (see module doc)
+IGNORE_INDEX = -100
+
+# HF: float32(float64(x) * (1/255)), then (x - float32(0.5)) / float32(0.5) in float32. A 256-entry table of exactly
+# those values makes normalisation a gather, bit-identical by construction.
+_RESCALED = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+NORMALIZE_LUT = (_RESCALED - np.float32(0.5)) / np.float32(0.5)
+_TORCH_LUTS: dict[Any, Any] = {}
+
+
+def normalize_patches(x: Any) -> Any:
+    """uint8 patches (numpy or torch, any shape) -> float32 `(x/255 - 0.5)/0.5`, bit-identical to HF's values."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise ValueError(f"normalize_patches expects uint8 pixels, got {x.dtype}")
+        return NORMALIZE_LUT[x]
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"normalize_patches expects a numpy array or torch tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"normalize_patches expects uint8 pixels, got {x.dtype}")
+    lut = _TORCH_LUTS.get(x.device)
+    if lut is None:
+        lut = _TORCH_LUTS[x.device] = torch.from_numpy(NORMALIZE_LUT).to(x.device)
+    # index with int32, never with the uint8 tensor itself (torch would read that as a boolean mask)
+    return lut[x.to(torch.int32)]
+
+
+def hf_resized_size(height: int, width: int, max_hw: tuple[int, int] = HF_MAX_HW) -> tuple[int, int]:
+    """(h, w) FuyuImageProcessor resizes a (height, width) image to: shrink to fit `max_hw`, never enlarge."""
+    max_h, max_w = max_hw
+    if width <= max_w and height <= max_h:
+        return height, width
+    scale = min(max_h / height, max_w / width)
+    # same float expression as HF; max(1, ...) only matters for absurd aspect ratios HF would crash on
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def patch_grid(height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of patches emitted for a resized image of (height, width)."""
+    return math.ceil(height / PATCH), math.ceil(width / PATCH)
+
+
+def resize_image(image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+    """RGB + the resize of `image_to_patches` (HF's when `size` is None, exactly `size` = (h, w) otherwise)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    if size is None:
+        new_h, new_w = hf_resized_size(height, width)
+    else:
+        new_h, new_w = int(size[0]), int(size[1])
+        if new_h <= 0 or new_w <= 0:
+            raise ValueError(f"target size must be positive, got {size}")
+    if (new_h, new_w) != (height, width):
+        image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+    return image
+
+
+def patchify(pixels_HW3: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """uint8 [H, W, 3] -> (patches uint8 [P, 2700], (rows, cols)), padding bottom/right with `PAD_PIXEL`."""
+    if pixels_HW3.dtype != np.uint8 or pixels_HW3.ndim != 3 or pixels_HW3.shape[2] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3] pixels, got {pixels_HW3.dtype} {pixels_HW3.shape}")
+    height, width = pixels_HW3.shape[:2]
+    rows, cols = patch_grid(height, width)
+    if (rows * PATCH, cols * PATCH) != (height, width):
+        padded = np.full((rows * PATCH, cols * PATCH, 3), PAD_PIXEL, dtype=np.uint8)
+        padded[:height, :width] = pixels_HW3
+        pixels_HW3 = padded
+    patches_PC = (
+        pixels_HW3.reshape(rows, PATCH, cols, PATCH, 3)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(rows * cols, PATCH_DIM)
+    )
+    return np.ascontiguousarray(patches_PC), (rows, cols)
+
+
+def image_to_patches(
+    image: Image.Image, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image -> (patches uint8 [P, 2700], (rows, cols)). `size=None`: HF's resize; `(h, w)`: resize to exactly that."""
+    resized = resize_image(image, size)
+    return patchify(np.asarray(resized, dtype=np.uint8))
+
+
+def image_token_ids(grid: tuple[int, int], tokens: FuyuTokens) -> list[int]:
+    """`[|SPEAKER| x cols, |NEWLINE|] x rows` followed by `<s>`."""
+    rows, cols = grid
+    return ([tokens.image] * cols + [tokens.newline]) * rows + [tokens.bos]
+
+
+class FuyuProcessor:
+    """Ours: image + prompt / conversation -> a processed sample (docs/internals.md), HF's layout."""
+
+    def __init__(self, tokenizer: Any, instruction_template: str = SEED_TRAIN_TEMPLATE) -> None:
+        if "{instruction}" not in instruction_template:
+            raise ValueError(
+                f"instruction_template must contain '{{instruction}}', got {instruction_template!r}"
+            )
+        self.tokenizer = tokenizer
+        self.instruction_template = instruction_template
+        self.tokens = fuyu_tokens(tokenizer)
+        self._reserved = {self.tokens.image, self.tokens.newline}
+        # Fail at construction, not on the first sample, when "<0x04>" is not one token for this tokenizer.
+        self._encode_prompt_text(self.instruction_template.replace("{instruction}", "probe"))
+
+    # --------------------------------------------------------------------------------------------- text
+    def _tokenize(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self._reserved.intersection(ids):
+            # Image placeholders in text would break the |SPEAKER| count == patch count invariant.
+            raise BadSample("reserved_token_in_text", "text contains the image or image-newline token")
+        return list(ids)
+
+    def _encode_prompt_text(self, prompt: str) -> list[int]:
+        # HF tokenizes the prompt together with "<0x04>" (not the id appended), so do the same.
+        ids = self._tokenize(prompt + BOA_TOKEN)
+        if not ids or ids[-1] != self.tokens.boa:
+            raise ValueError(
+                f"tokenizer does not encode {BOA_TOKEN!r} at the end of a prompt as its boa token "
+                f"(id {self.tokens.boa}); got {ids[-3:]}"
+            )
+        return ids
+
+    # -------------------------------------------------------------------------------------------- image
+    def _image_part(self, image: Image.Image, size: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
+        resized = resize_image(image, size)
+        patches_PC, grid = patchify(np.asarray(resized, dtype=np.uint8))
+        bucket = np.array([resized.size[1], resized.size[0]], dtype=np.int32)
+        return patches_PC, np.array(grid, dtype=np.int32), bucket
+
+    @staticmethod
+    def _sample(ids: list[int], labels: list[int], patches_PC, grid, bucket) -> dict[str, Any]:
+        return {
+            "input_ids": np.asarray(ids, dtype=np.int32),
+            "labels": np.asarray(labels, dtype=np.int32),
+            "patches": patches_PC,
+            "grid": grid,
+            "bucket": bucket,
+            "num_tokens": np.int32(len(ids)),
+        }
+
+    # ---------------------------------------------------------------------------------------------- api
+    def encode_prompt(
+        self, image: Image.Image, text: str, size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """Eval: exactly transformers' `FuyuProcessor(images=image, text=text)` layout; labels all -100."""
+        if not isinstance(text, str):
+            raise BadSample("missing_text", f"prompt must be a string, got {type(text).__name__}")
+        patches_PC, grid, bucket = self._image_part(image, size)
+        ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens) + self._encode_prompt_text(text)
+        return self._sample(ids, [IGNORE_INDEX] * len(ids), patches_PC, grid, bucket)
+
+    def encode_conversation(
+        self,
+        image: Image.Image,
+        conversations: Sequence[dict[str, Any]],
+        size: tuple[int, int] | None = None,
+    ) -> dict[str, Any]:
+        """Training: image once, then per turn `template(instruction) <0x04>` ` {answer}` end; labels on answers + end.
+
+        `conversations` alternates `{"role": "user", "text": ...}` and `{"role": "assistant", "text": ...}`,
+        starting with the user and ending with the assistant. Anything else raises `BadSample`.
+        """
+        turns = validate_conversation(conversations)
+        patches_PC, grid, bucket = self._image_part(image, size)
+        ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens)
+        labels = [IGNORE_INDEX] * len(ids)
+        for instruction, answer in turns:
+            prompt_ids = self._encode_prompt_text(
+                self.instruction_template.replace("{instruction}", instruction)
+            )
+            # " {answer}": the seed's space after <0x04>; a Metaspace tokenizer encodes it as the word-start mark.
+            answer_ids = self._tokenize(" " + answer) + [self.tokens.end]
+            ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        return self._sample(ids, labels, patches_PC, grid, bucket)
+
+
+def validate_conversation(conversations: Any) -> list[tuple[str, str]]:
+    """Check a conversation and return its (instruction, answer) pairs; `BadSample` with a reason code if bad.
+
+    Reasons: `empty_conversation`, `bad_turn` (not a mapping), `bad_role` (role not user/assistant),
+    `missing_text` (absent, not a string, or blank), `bad_turn_order` (not user/assistant alternating from the
+    user), `no_assistant_turn`, `unanswered_turn` (ends with a user turn).
+    """
+    if conversations is None or isinstance(conversations, (str, bytes)) or len(conversations) == 0:
+        raise BadSample("empty_conversation", "no turns")
+    turns: list[tuple[str, str]] = []
+    for index, turn in enumerate(conversations):
+        if not hasattr(turn, "get"):
+            raise BadSample("bad_turn", f"turn {index} is a {type(turn).__name__}, not a mapping")
+        role, text = turn.get("role"), turn.get("text")
+        if role not in ("user", "assistant"):
+            raise BadSample("bad_role", f"turn {index} has role {role!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise BadSample("missing_text", f"turn {index} ({role}) has no text")
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            if not any(t.get("role") == "assistant" for t in conversations if hasattr(t, "get")):
+                raise BadSample("no_assistant_turn", "conversation has no assistant turn")
+            raise BadSample("bad_turn_order", f"turn {index} is {role!r}, expected {expected!r}")
+        if role == "assistant":
+            turns.append((conversations[index - 1]["text"], text))
+    if not turns:
+        raise BadSample("no_assistant_turn", "conversation has no assistant turn")
+    if len(conversations) % 2 == 1:
+        raise BadSample("unanswered_turn", "conversation ends with a user turn")
+    return turns
