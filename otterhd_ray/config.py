@@ -61,6 +61,12 @@ class DataConfig(Strict):
     preprocess_concurrency: int = Field(0, ge=0, description="Ray Data tasks for preprocessing; 0: auto.")
     rejects_path: str | None = Field(None, description="Where rejected rows are written (parquet).")
     seed: int = 0
+    index_cache_dir: str | None = Field(
+        None, description="Cache of per-row image sizes / text lengths; default ~/.cache/otterhd_ray/index."
+    )
+    packing_buffer_size: int = Field(256, gt=0, description="Samples the packer buffers per bucket group.")
+    shuffle_window: int = Field(1024, gt=0, description="Rows shuffled together after the row-group shuffle.")
+    draft_decode: bool = Field(True, description="JPEG draft (DCT-scaled) decode when the bucket is small.")
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -1,0 +1,305 @@
+"""Resolution buckets and token-budget packing.
+
+**Buckets.** `BucketPolicy.choose_size(native_hw, rng)` picks the (height, width) an image is resized into:
+
+- ``random``: a seeded choice among ``long_sides`` (plus the native size when ``native`` is on), aspect ratio kept.
+  Sides larger than the image's own long side are not offered (enlarging adds tokens, not information); an image
+  smaller than every side keeps its native size, or, with ``native`` off, gets the smallest side.
+- ``nearest``: the candidate closest to the native long side (with ``native`` on that is the native size itself,
+  capped — the mode is meant for ``native: false``).
+- ``seed``: OtterHD's ``--dynamic_resolution``: a random square of ``seed_sizes`` (aspect ratio lost). The seed drew
+  one square per batch; we draw one per sample and the packer only puts samples of one bucket into a micro-batch,
+  so every micro-batch still has one square size and each sample's size has the seed's distribution.
+
+Every size is capped to ``native_max_hw`` (HF's 1080×1920 box, aspect kept) and, outside ``seed`` mode, rounded to
+a multiple of 30: Fuyu cuts 30×30 patches and HF pads the last row/column of patches, so a side of 1024 would pay
+for 1050 pixels of which 26 are padding; 1020 costs the same tokens minus one patch row and pads nothing. The
+aspect ratio moves by at most 15 px per side. ``seed`` mode keeps 448/512/768 exactly, as the seed did.
+
+Choices are deterministic: `sample_rng(seed, epoch, sample_index)` seeds a fresh generator per sample, so the
+size of a sample never depends on which worker processed it or in which order.
+
+**Packing.** `pack(samples, max_tokens)` turns processed samples (docs/internals.md "Processed sample") into packed
+micro-batches ("Packed micro-batch") with no padding. `StreamingPacker` keeps a bounded buffer per bucket group;
+once a group holds `buffer_size` samples it emits one micro-batch: the longest buffered sample, then repeatedly the
+longest one that still fits (greedy first-fit-decreasing over the window). A sample longer than the budget is
+rejected with reason ``too_long`` — never truncated. The same packer runs on bare lengths for the pipeline's
+epoch plan (`plan_packs`), so the plan and `pack` agree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from otterhd_ray.config import BucketConfig
+
+PATCH = 30
+PATCH_VALUES = PATCH * PATCH * 3
+IGNORE_INDEX = -100
+TOO_LONG = "too_long"
+DEFAULT_BUFFER_SIZE = 256
+
+
+# ------------------------------------------------------------------------------------------------ buckets
+def sample_rng(seed: int, epoch: int, sample_index: int) -> np.random.Generator:
+    """The generator behind every per-sample random choice: a pure function of (seed, epoch, index)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(sample_index), 0xB0C4])
+
+
+def _round30(side: float, cap: int) -> int:
+    floor_cap = max(PATCH, cap // PATCH * PATCH)
+    return int(min(floor_cap, max(PATCH, round(side / PATCH) * PATCH)))
+
+
+def num_image_tokens(size_hw: tuple[int, int]) -> int:
+    """Tokens an image resized into `size_hw` takes in Fuyu's layout: rows × (cols + one |NEWLINE|)."""
+    rows, cols = math.ceil(size_hw[0] / PATCH), math.ceil(size_hw[1] / PATCH)
+    return rows * (cols + 1)
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    """Chooses the resize target of each image from a `BucketConfig`."""
+
+    cfg: BucketConfig
+
+    def __post_init__(self) -> None:
+        if not self.cfg.long_sides and not self.cfg.native and self.cfg.mode != "seed":
+            raise ValueError("buckets: long_sides is empty and native is off; no size to choose from")
+        if self.cfg.mode == "seed" and not self.cfg.seed_sizes:
+            raise ValueError("buckets: mode 'seed' needs at least one entry in seed_sizes")
+        if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.seed_sizes, *self.cfg.native_max_hw]):
+            raise ValueError("buckets: every size must be positive")
+
+    def _capped_scale(self, h: float, w: float) -> float:
+        cap_h, cap_w = self.cfg.native_max_hw
+        return min(1.0, cap_h / h, cap_w / w)
+
+    def _fit(self, native_hw: tuple[int, int], long_side: float) -> tuple[int, int]:
+        h, w = native_hw
+        scale = long_side / max(h, w)
+        scale = min(scale, self._capped_scale(h, w))
+        cap_h, cap_w = self.cfg.native_max_hw
+        return _round30(h * scale, cap_h), _round30(w * scale, cap_w)
+
+    def candidates(self, native_hw: tuple[int, int]) -> list[float]:
+        """Long sides offered to an image of this native size (before capping and rounding)."""
+        native_long = float(max(native_hw))
+        sides = [float(s) for s in self.cfg.long_sides if s <= native_long]
+        if self.cfg.native:
+            sides.append(native_long)
+        if not sides:  # tiny image and native off: enlarge to the smallest bucket rather than fail
+            sides = [float(min(self.cfg.long_sides))]
+        return sides
+
+    def choose_size(self, native_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        h, w = int(native_hw[0]), int(native_hw[1])
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image size must be positive, got {native_hw}")
+        if self.cfg.mode == "seed":
+            side = int(self.cfg.seed_sizes[int(rng.integers(len(self.cfg.seed_sizes)))])
+            return side, side
+        sides = self.candidates((h, w))
+        if self.cfg.mode == "random":
+            return self._fit((h, w), sides[int(rng.integers(len(sides)))])
+        native_long = max(h, w)
+        return self._fit((h, w), min(sides, key=lambda s: (abs(s - native_long), s)))
+
+    def group_key(self, size_hw: tuple[int, int]) -> Hashable:
+        """Samples sharing a key may share a micro-batch. Only `seed` mode needs one size per micro-batch;
+        elsewhere packed varlen attention mixes sizes freely and grouping would only fragment the buffer."""
+        return tuple(size_hw) if self.cfg.mode == "seed" else None
+
+
+# ------------------------------------------------------------------------------------------------ packing
+@dataclass
+class _Group:
+    lengths: list[int] = field(default_factory=list)  # sorted ascending
+    items: list[Any] = field(default_factory=list)  # aligned with `lengths`
+
+
+class StreamingPacker:
+    """Bounded-buffer packer over (key, length, item) triples; emits lists of items whose lengths sum to
+    at most `max_tokens` (and at most `max_samples` items when it is > 0).
+
+    Items longer than `max_tokens` are not packed: they land in `self.rejected` (reason `too_long`).
+    Deterministic: the output depends only on the input sequence (ties keep arrival order).
+    """
+
+    def __init__(self, max_tokens: int, max_samples: int = 0, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if max_samples < 0 or buffer_size < 1:
+            raise ValueError("max_samples must be >= 0 and buffer_size >= 1")
+        self.max_tokens = max_tokens
+        self.max_samples = max_samples
+        self.buffer_size = buffer_size
+        self.rejected: list[Any] = []
+        self._groups: dict[Hashable, _Group] = {}
+
+    def add(self, key: Hashable, length: int, item: Any) -> list[list[Any]]:
+        if length > self.max_tokens:
+            self.rejected.append(item)
+            return []
+        if length <= 0:
+            raise ValueError(f"cannot pack an empty sample (length {length})")
+        group = self._groups.setdefault(key, _Group())
+        # Sorted insert (ties after equals) keeps the buffer ordered for the greedy pick; deterministic.
+        pos = bisect.bisect_right(group.lengths, length)
+        group.lengths.insert(pos, length)
+        group.items.insert(pos, item)
+        out = []
+        while len(group.lengths) >= self.buffer_size:
+            out.append(self._emit(group))
+        return out
+
+    def flush(self) -> list[list[Any]]:
+        out = []
+        for key in list(self._groups):
+            group = self._groups.pop(key)
+            while group.lengths:
+                out.append(self._emit(group))
+        return out
+
+    def _emit(self, group: _Group) -> list[Any]:
+        budget = self.max_tokens
+        chosen: list[int] = []
+        i = len(group.lengths) - 1
+        while i >= 0 and (self.max_samples == 0 or len(chosen) < self.max_samples):
+            if group.lengths[i] <= budget:
+                chosen.append(i)
+                budget -= group.lengths[i]
+                if budget < group.lengths[0]:
+                    break
+                # jump to the longest item that can still fit
+                i = min(i - 1, bisect.bisect_right(group.lengths, budget) - 1)
+            else:
+                i = bisect.bisect_right(group.lengths, budget, 0, i) - 1
+        items = [group.items[j] for j in chosen]
+        for j in sorted(chosen, reverse=True):
+            del group.lengths[j]
+            del group.items[j]
+        return items
+
+
+def plan_packs(
+    lengths: Iterable[int],
+    keys: Iterable[Hashable] | None,
+    max_tokens: int,
+    max_samples: int = 0,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+) -> tuple[list[list[int]], list[int]]:
+    """Pack positions 0..n-1 by length. Returns (micro-batches as lists of positions, too-long positions)."""
+    packer = StreamingPacker(max_tokens, max_samples, buffer_size)
+    bins: list[list[int]] = []
+    lengths = list(lengths)
+    keys_list = list(keys) if keys is not None else [None] * len(lengths)
+    if len(keys_list) != len(lengths):
+        raise ValueError("plan_packs: keys and lengths differ in length")
+    for pos, (key, length) in enumerate(zip(keys_list, lengths, strict=True)):
+        bins.extend(packer.add(key, int(length), pos))
+    bins.extend(packer.flush())
+    # Within a micro-batch keep epoch order; it makes dumps readable and costs nothing.
+    return [sorted(b) for b in bins], list(packer.rejected)
+
+
+def packing_efficiency(num_real_tokens: int, num_micro_batches: int, max_tokens: int) -> float:
+    """Real tokens over the token budget the micro-batches could have held."""
+    return num_real_tokens / (num_micro_batches * max_tokens) if num_micro_batches else 0.0
+
+
+# ----------------------------------------------------------------------------------------- micro-batches
+def assemble(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate processed samples into one packed micro-batch (numpy; see docs/internals.md)."""
+    if not samples:
+        raise ValueError("assemble: no samples")
+    ids, targets, positions, patches, cu = [], [], [], [], [0]
+    for s in samples:
+        input_ids = np.asarray(s["input_ids"], dtype=np.int64)
+        labels = np.asarray(s["labels"], dtype=np.int64)
+        if input_ids.shape != labels.shape or input_ids.ndim != 1 or len(input_ids) == 0:
+            raise ValueError(f"sample {s.get('id')!r}: input_ids and labels must be equal, non-empty 1-D arrays")
+        target = np.full_like(labels, IGNORE_INDEX)
+        target[:-1] = labels[1:]  # predict token t+1 at t; the last token predicts nothing across samples
+        ids.append(input_ids)
+        targets.append(target)
+        positions.append(np.arange(len(input_ids), dtype=np.int64))
+        p = np.asarray(s["patches"], dtype=np.uint8).reshape(-1, PATCH_VALUES)
+        patches.append(p)
+        cu.append(cu[-1] + len(input_ids))
+    target_ids = np.concatenate(targets)
+    lengths = np.diff(cu)
+    return {
+        "input_ids": np.concatenate(ids),
+        "target_ids": target_ids,
+        "position_ids": np.concatenate(positions),
+        "cu_seqlens": np.asarray(cu, dtype=np.int32),
+        "max_seqlen": int(lengths.max()),
+        "patches": np.concatenate(patches, axis=0),
+        "sample_index": np.asarray([int(s.get("sample_index", -1)) for s in samples], dtype=np.int64),
+        "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
+    }
+
+
+def pack(
+    samples: Iterable[dict[str, Any]],
+    max_tokens: int,
+    max_samples: int = 0,
+    *,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    group_key: Callable[[dict[str, Any]], Hashable] | None = None,
+    rejects: list[dict[str, Any]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Stream processed samples into packed micro-batches of at most `max_tokens` tokens, no padding.
+
+    Samples are grouped by `group_key` (default: their `bucket`, so `seed` mode's one size per micro-batch holds;
+    pass `lambda s: None` to mix sizes). A sample longer than `max_tokens` is appended to `rejects` as
+    `{id, source, reason: "too_long", sample_index}`; with `rejects=None` it raises `ValueError` instead of being
+    dropped silently. Samples without `sample_index` get their arrival position.
+    """
+    key_fn = group_key or (lambda s: tuple(np.asarray(s["bucket"]).tolist()))
+    packer = StreamingPacker(max_tokens, max_samples, buffer_size)
+    for pos, sample in enumerate(samples):
+        if "sample_index" not in sample:
+            sample = {**sample, "sample_index": pos}
+        n = int(sample.get("num_tokens", len(sample["input_ids"])))
+        for group in packer.add(key_fn(sample), n, sample):
+            yield assemble(sorted(group, key=lambda s: s["sample_index"]))
+        _drain_rejected(packer, rejects)
+    for group in packer.flush():
+        yield assemble(sorted(group, key=lambda s: s["sample_index"]))
+
+
+def _drain_rejected(packer: StreamingPacker, rejects: list[dict[str, Any]] | None) -> None:
+    while packer.rejected:
+        s = packer.rejected.pop(0)
+        n = int(s.get("num_tokens", len(s["input_ids"])))
+        if rejects is None:
+            raise ValueError(
+                f"sample {s.get('id')!r} has {n} tokens > max_tokens={packer.max_tokens}; "
+                "pass rejects=[] to collect such samples instead"
+            )
+        rejects.append(
+            {"id": s.get("id"), "source": s.get("source"), "reason": TOO_LONG, "sample_index": s["sample_index"]}
+        )
+
+
+def collate_to_torch(mb: dict[str, Any]) -> dict[str, Any]:
+    """Numpy micro-batch -> torch tensors (zero-copy where dtypes allow); ints stay Python ints."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, value in mb.items():
+        if isinstance(value, np.ndarray):
+            dtype = np.int32 if name == "cu_seqlens" else (np.uint8 if name == "patches" else None)
+            arr = value.astype(dtype, copy=False) if dtype is not None else value
+            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+        else:
+            out[name] = value
+    return out
