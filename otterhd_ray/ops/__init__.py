@@ -1,0 +1,1 @@
+"""Kernels behind switches, each with a plain-PyTorch reference: attention, fused glue, loss."""

@@ -1,0 +1,405 @@
+"""Fuyu (Persimmon decoder + linear patch embedding) as a single-device PyTorch module.
+
+Training runs on *packed* rows: many samples concatenated without padding, `cu_seqlens` marking their bounds and
+`position_ids` restarting at 0 per sample, so rotary positions and the (document-causal) attention see each
+sample exactly as if it ran alone. Evaluation decodes greedily with a KV cache after one packed prefill.
+
+No Ray, DeepSpeed or data code here (see docs/internals.md for the batch contract).
+
+Legend: T packed tokens, D hidden, H heads, K head dim, R rotary dims, P patches, C patch values (2700),
+B prompts, L cache length, V vocabulary, N supervised rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as torch_checkpoint
+
+from otterhd_ray.models.fuyu.config import FuyuModelConfig
+from otterhd_ray.ops.attention import cached_attention, packed_attention, resolve_attention
+from otterhd_ray.ops.fused import FusedOps, LayerWeights, resolve_fused_ops, rotary_cos_sin
+from otterhd_ray.ops.loss import IGNORE_INDEX, linear_cross_entropy
+
+CHECKPOINTING = ("none", "selective", "full")
+
+
+def normalize_patches(patches_PC: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> `(x/255 - 0.5)/0.5` in float32, the values transformers' Fuyu image processor emits."""
+    # A private copy of otterhd_ray.data.processor.normalize_patches (same formula) until that module lands.
+    return (patches_PC.to(torch.float32) / 255.0 - 0.5) / 0.5
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class FuyuAttention(nn.Module):
+    def __init__(self, cfg: FuyuModelConfig):
+        super().__init__()
+        D, K = cfg.hidden_size, cfg.head_dim
+        self.query_key_value = nn.Linear(D, 3 * D, bias=True)
+        self.dense = nn.Linear(D, D, bias=True)
+        if cfg.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(K, eps=cfg.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(K, eps=cfg.layer_norm_eps)
+
+
+class FuyuMLP(nn.Module):
+    def __init__(self, cfg: FuyuModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+
+class FuyuDecoderLayer(nn.Module):
+    """Parameters only; the computation lives in the (fusable) glue functions of `otterhd_ray.ops.fused`."""
+
+    def __init__(self, cfg: FuyuModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = FuyuAttention(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = FuyuMLP(cfg)
+
+    def weights(self) -> LayerWeights:
+        a, m = self.self_attn, self.mlp
+        qk = hasattr(a, "q_layernorm")
+        return LayerWeights(
+            ln1_w=self.input_layernorm.weight,
+            ln1_b=self.input_layernorm.bias,
+            qkv_w=a.query_key_value.weight,
+            qkv_b=a.query_key_value.bias,
+            qn_w=a.q_layernorm.weight if qk else None,
+            qn_b=a.q_layernorm.bias if qk else None,
+            kn_w=a.k_layernorm.weight if qk else None,
+            kn_b=a.k_layernorm.bias if qk else None,
+            dense_w=a.dense.weight,
+            dense_b=a.dense.bias,
+            ln2_w=self.post_attention_layernorm.weight,
+            ln2_b=self.post_attention_layernorm.bias,
+            up_w=m.dense_h_to_4h.weight,
+            up_b=m.dense_h_to_4h.bias,
+            down_w=m.dense_4h_to_h.weight,
+            down_b=m.dense_4h_to_h.bias,
+        )
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Keep what is expensive to recompute (matmuls, attention); recompute norms, rotary, relu² and adds."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_ops() -> set:
+    ops = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._flash_attention_forward.default,
+    }
+    with contextlib.suppress(AttributeError, RuntimeError):
+        importlib.import_module("torch.nn.attention.varlen")  # registers the torch_attn ops
+
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    with contextlib.suppress(AttributeError, RuntimeError):
+        ops.add(torch.ops.higher_order.flex_attention)
+    return ops
+
+
+_SAVE_OPS = _save_ops()
+
+
+# ------------------------------------------------------------------------------------------------ model
+class FuyuForCausalLM(nn.Module):
+    """Fuyu decoder. Switches (attention backend, fused ops, checkpointing) are resolved once per device."""
+
+    def __init__(
+        self,
+        config: FuyuModelConfig,
+        attention: str = "auto",
+        fused_ops: str = "none",
+        activation_checkpointing: str = "none",
+        loss_chunk_size: int = 2048,
+    ):
+        super().__init__()
+        if activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}, got {activation_checkpointing!r}")
+        if loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size must be positive, got {loss_chunk_size}")
+        self.config = config
+        self.attention = attention
+        self.fused_ops = fused_ops
+        self.activation_checkpointing = activation_checkpointing
+        self.loss_chunk_size = loss_chunk_size
+        self._resolved: dict[str, tuple[str, FusedOps]] = {}
+
+        D = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        self.vision_embed_tokens = nn.Linear(config.patch_dim, D)
+        self.layers = nn.ModuleList(FuyuDecoderLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """transformers' Fuyu initialisation: N(0, 0.02) matrices and embeddings, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def set_switches(
+        self,
+        attention: str | None = None,
+        fused_ops: str | None = None,
+        activation_checkpointing: str | None = None,
+    ) -> None:
+        """Change a switch (tests, benchmarks); takes effect at the next forward."""
+        if activation_checkpointing is not None:
+            if activation_checkpointing not in CHECKPOINTING:
+                raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}")
+            self.activation_checkpointing = activation_checkpointing
+        if attention is not None:
+            self.attention = attention
+        if fused_ops is not None:
+            self.fused_ops = fused_ops
+        self._resolved.clear()
+
+    def resolve(self, device: torch.device | str) -> tuple[str, FusedOps]:
+        """The attention backend and fused ops for `device` (checked against the hardware once)."""
+        device = torch.device(device)
+        if device.type not in self._resolved:
+            self._resolved[device.type] = (
+                resolve_attention(self.attention, device),
+                resolve_fused_ops(self.fused_ops, device),
+            )
+        return self._resolved[device.type]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def embed(self, input_ids_T: torch.Tensor, patches_PC: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each image placeholder replaced by its patch's projection (in order)."""
+        x_TD = self.embed_tokens(input_ids_T)
+        is_image = input_ids_T == self.config.image_token_id
+        num_patches = 0 if patches_PC is None else patches_PC.shape[0]
+        # Device-side check (no host sync on GPU): every placeholder needs exactly one patch.
+        torch._assert_async(is_image.sum() == num_patches, "number of image patches != number of |SPEAKER| tokens")
+        if num_patches:
+            if patches_PC.shape[-1] != self.config.patch_dim:
+                raise ValueError(f"patches must be [P, {self.config.patch_dim}], got {tuple(patches_PC.shape)}")
+            # uint8 patches are raw pixels (the batch contract); float patches are taken as already normalised.
+            pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
+            patch_PD = self.vision_embed_tokens(pixels.to(x_TD.dtype))
+            x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
+        return x_TD
+
+    def _layer(
+        self, layer: FuyuDecoderLayer, x_TD, cos_TR, sin_TR, cu_seqlens, max_seqlen, backend: str, ops: FusedOps
+    ) -> torch.Tensor:
+        w = layer.weights()
+        q, k, v = ops.attn_in(x_TD, w, cos_TR, sin_TR, self.config.num_heads, self.config.layer_norm_eps)
+        o_THK = packed_attention(q, k, v, cu_seqlens, max_seqlen, backend)
+        return ops.attn_out(x_TD, o_THK, w, self.config.layer_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        patches: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """Packed forward -> final hidden states [T, D] (apply `lm_head` or use `loss` for logits)."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be a packed 1-D row [T], got shape {tuple(input_ids.shape)}")
+        backend, ops = self.resolve(input_ids.device)
+        x_TD = self.embed(input_ids, patches)
+        cos_TR, sin_TR = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x_TD.dtype)
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        ckpt = self.activation_checkpointing if torch.is_grad_enabled() and self.training else "none"
+        for layer in self.layers:
+            fn = functools.partial(self._layer, layer, backend=backend, ops=ops)
+            if ckpt == "none":
+                x_TD = fn(x_TD, cos_TR, sin_TR, cu_seqlens, max_seqlen)
+            elif ckpt == "full":
+                x_TD = torch_checkpoint.checkpoint(fn, x_TD, cos_TR, sin_TR, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                context_fn = functools.partial(torch_checkpoint.create_selective_checkpoint_contexts, _selective_policy)
+                x_TD = torch_checkpoint.checkpoint(
+                    fn, x_TD, cos_TR, sin_TR, cu_seqlens, max_seqlen, use_reentrant=False, context_fn=context_fn
+                )
+        return nn.functional.layer_norm(
+            x_TD, (x_TD.shape[-1],), self.final_layernorm.weight, self.final_layernorm.bias, self.config.layer_norm_eps
+        )
+
+    def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_ND)
+
+    # --------------------------------------------------------------------------------------------- loss
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(sum of token cross-entropies over supervised positions, their count) for one packed micro-batch.
+
+        Only the supervised rows reach the LM head, in chunks of `loss_chunk_size`: the [T, V] logits never exist.
+        """
+        hidden_TD = self(
+            batch["input_ids"], batch.get("patches"), batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"]
+        )
+        targets_T = batch["target_ids"]
+        supervised_T = targets_T != IGNORE_INDEX
+        num = batch.get("num_target_tokens")
+        if num is None:
+            num = int(supervised_T.sum())  # host sync; the packer provides the count to avoid it
+        num = int(num)
+        # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
+        rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
+        loss_sum = linear_cross_entropy(
+            hidden_TD.index_select(0, rows_N), self.lm_head.weight, targets_T.index_select(0, rows_N), self.loss_chunk_size
+        )
+        return loss_sum, num
+
+    # ----------------------------------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int] | None = None,
+    ) -> list[list[int]]:
+        """Greedy decoding of a batch: one packed prefill, then one token per step for every prompt from a KV cache.
+
+        Returns the generated ids per prompt, ending with the first stop id when one was produced.
+        """
+        if max_new_tokens <= 0 or not prompts:
+            return [[] for _ in prompts]
+        device = self.embed_tokens.weight.device
+        backend, ops = self.resolve(device)
+        stop = torch.tensor(sorted(set(stop_ids or [])), dtype=torch.long, device=device)
+        lengths = [int(ids.shape[0]) for ids, _ in prompts]
+        if min(lengths) == 0:
+            raise ValueError("every prompt needs at least one token")
+        B, cap = len(prompts), max(lengths) + max_new_tokens
+        cfg = self.config
+        input_ids = torch.cat([ids.to(device, torch.long) for ids, _ in prompts])
+        patch_list = [p for _, p in prompts if p is not None and p.shape[0]]
+        patches = torch.cat([p.to(device) for p in patch_list]) if patch_list else None
+        position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        sample_T = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(lengths, device=device))
+
+        # Prefill: the packed forward, keeping each layer's k/v in a [B, H, L, K] cache (prompt i at 0..len_i-1).
+        dtype = self.embed_tokens.weight.dtype
+        k_cache = [torch.zeros(B, cfg.num_heads, cap, cfg.head_dim, dtype=dtype, device=device) for _ in self.layers]
+        v_cache = [torch.zeros_like(k) for k in k_cache]
+        x_TD = self.embed(input_ids, patches)
+        cos, sin = rotary_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x_TD.dtype)
+        for i, layer in enumerate(self.layers):
+            w = layer.weights()
+            q, k, v = ops.attn_in(x_TD, w, cos, sin, cfg.num_heads, cfg.layer_norm_eps)
+            k_cache[i][sample_T, :, position_ids] = k
+            v_cache[i][sample_T, :, position_ids] = v
+            x_TD = ops.attn_out(x_TD, packed_attention(q, k, v, cu, max(lengths), backend), w, cfg.layer_norm_eps)
+        last = (cu[1:] - 1).long()
+        next_B = self._greedy(x_TD.index_select(0, last))
+
+        pos_B = torch.tensor(lengths, device=device)
+        rows = torch.arange(B, device=device)
+        slots_L = torch.arange(cap, device=device)
+        out = [next_B]
+        done_B = torch.isin(next_B, stop)
+        for _ in range(max_new_tokens - 1):
+            if bool(done_B.all()):  # one host sync per step decides whether to stop early
+                break
+            x_BD = self.embed_tokens(next_B)
+            cos, sin = rotary_cos_sin(pos_B, cfg.rotary_dim, cfg.rope_theta, x_BD.dtype)
+            mask_BL = slots_L[None, :] <= pos_B[:, None]
+            for i, layer in enumerate(self.layers):
+                w = layer.weights()
+                q, k, v = ops.attn_in(x_BD, w, cos, sin, cfg.num_heads, cfg.layer_norm_eps)
+                k_cache[i][rows, :, pos_B] = k
+                v_cache[i][rows, :, pos_B] = v
+                o = cached_attention(q[:, :, None], k_cache[i], v_cache[i], mask_BL[:, None], eager=backend == "eager")
+                x_BD = ops.attn_out(x_BD, o[:, :, 0], w, cfg.layer_norm_eps)
+            next_B = self._greedy(x_BD)
+            out.append(next_B)
+            done_B |= torch.isin(next_B, stop)
+            pos_B = pos_B + 1
+        return self._trim(torch.stack(out, dim=1).tolist(), set(stop.tolist()))
+
+    def _greedy(self, x_BD: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.layer_norm(
+            x_BD, (x_BD.shape[-1],), self.final_layernorm.weight, self.final_layernorm.bias, self.config.layer_norm_eps
+        )
+        return self.lm_head(h).float().argmax(dim=-1)
+
+    @staticmethod
+    def _trim(rows: list[list[int]], stop: set[int]) -> list[list[int]]:
+        out = []
+        for row in rows:
+            cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+            out.append(row[:cut])
+        return out
+
+
+def build_model(
+    model_cfg: Any,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    tokenizer: Any = None,
+) -> FuyuForCausalLM:
+    """Build from `otterhd_ray.config.ModelConfig`: weights from `model_cfg.path` when set, else random init."""
+    from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
+
+    fused = model_cfg.fused_ops
+    if model_cfg.compile and fused in ("auto", "none"):
+        # `compile` means the torch.compile regions around attention (the glue of every layer).
+        fused = "compile"
+    switches = dict(
+        attention=model_cfg.attention,
+        fused_ops=fused,
+        activation_checkpointing=model_cfg.activation_checkpointing,
+        loss_chunk_size=model_cfg.loss_chunk_size,
+    )
+    if model_cfg.path:
+        from otterhd_ray.models.fuyu.hf import load_hf
+
+        model = load_hf(
+            model_cfg.path, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle,
+            num_layers=model_cfg.num_layers, **switches,
+        )
+    else:
+        cfg = flavour_config(model_cfg.flavour)
+        if model_cfg.num_layers:
+            cfg = cfg.replace(num_layers=model_cfg.num_layers)
+        if tokenizer is not None:
+            cfg = config_for_tokenizer(cfg, tokenizer)
+        model = new_model(cfg, dtype=dtype, device=device, **switches)
+    model.resolve(device)  # fail at build time, not at the first step, when a backend cannot run here
+    return model
+
+
+def new_model(
+    cfg: FuyuModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **switches: Any
+) -> FuyuForCausalLM:
+    """Randomly initialised model allocated directly in `dtype` on `device` (no float32 CPU copy of 8B)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return FuyuForCausalLM(cfg, **switches)
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,167 @@
+"""The element-wise glue of a Persimmon layer, as a reference and as fused variants behind one switch.
+
+A layer is two glue regions around the attention kernel:
+- `attn_in`:  LayerNorm -> fused QKV linear -> per-head qk-LayerNorm -> partial rotary  => q, k, v [T, H, K];
+- `attn_out`: dense projection + residual -> LayerNorm -> relu² MLP + residual          => x [T, D].
+
+Modes (`ModelConfig.fused_ops`):
+- `none`:    plain PyTorch ops (the reference, numerically what transformers computes);
+- `compile`: the same functions under `torch.compile(dynamic=True)`; Inductor fuses LayerNorm, qk-norm, the
+             rotary and relu² into the matmul epilogues/prologues (one compile for every packed length);
+- `liger`/`triton`: Liger-Kernel's Triton LayerNorm for the block and qk norms (imported lazily; GPU only).
+`auto` is `compile` on CUDA and `none` on CPU. The parameters and the checkpoint layout are the same in every
+mode; the test suite compares each mode with the reference.
+
+Legend: T tokens, D hidden, H heads, K head dim, R rotary dims, F MLP width.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("none", "compile", "liger", "triton")
+
+
+# ------------------------------------------------------------------------------------------- reference ops
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def partial_rotary(x_THK: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on the first R dims of each head; the rest pass through (Persimmon)."""
+    R = cos_TR.shape[-1]
+    x_rot, x_pass = x_THK[..., :R], x_THK[..., R:]
+    cos, sin = cos_TR[:, None, :], sin_TR[:, None, :]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [.., R] for the given positions: computed in float32 then cast, exactly as transformers does."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=position_ids.device).float() / rotary_dim)
+    )
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@dataclass
+class LayerWeights:
+    """The tensors of one decoder layer, passed explicitly so the glue functions are pure (compilable)."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    qn_w: torch.Tensor | None
+    qn_b: torch.Tensor | None
+    kn_w: torch.Tensor | None
+    kn_b: torch.Tensor | None
+    dense_w: torch.Tensor
+    dense_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+
+
+def attn_in(
+    x_TD: torch.Tensor,
+    w: LayerWeights,
+    cos_TR: torch.Tensor,
+    sin_TR: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    norm: Callable = layer_norm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
+    qkv = F.linear(h_TD, w.qkv_w, w.qkv_b)
+    # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
+    qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
+    q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
+    if w.qn_w is not None:
+        q = norm(q, w.qn_w, w.qn_b, eps)
+        k = norm(k, w.kn_w, w.kn_b, eps)
+    q = partial_rotary(q, cos_TR, sin_TR)
+    k = partial_rotary(k, cos_TR, sin_TR)
+    # Attention kernels want contiguous [T, H, K]; v is a strided view of qkv.
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def attn_out(
+    x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
+) -> torch.Tensor:
+    x_TD = x_TD + F.linear(o_THK.reshape(o_THK.shape[0], -1), w.dense_w, w.dense_b)
+    h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
+    return x_TD + F.linear(relu2(F.linear(h_TD, w.up_w, w.up_b)), w.down_w, w.down_b)
+
+
+# ------------------------------------------------------------------------------------------------ modes
+@dataclass
+class FusedOps:
+    """The resolved implementation of each glue region (chosen once per model)."""
+
+    mode: str
+    attn_in: Callable
+    attn_out: Callable
+    layer_norm: Callable
+
+
+def _liger_layer_norm() -> Callable:
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = x.shape
+        return LigerLayerNormFunction.apply(x.reshape(-1, shape[-1]), weight, bias, eps).view(shape)
+
+    return norm
+
+
+def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
+    """Turn `ModelConfig.fused_ops` into callables for `device`, or raise ValueError naming the fix."""
+    device = torch.device(device)
+    if mode == "auto":
+        mode = "compile" if device.type == "cuda" else "none"
+    if mode == "none":
+        return FusedOps("none", attn_in, attn_out, layer_norm)
+    if mode == "compile":
+        # dynamic=True: packed rows change length every step; one graph serves them all.
+        return FusedOps(
+            "compile",
+            torch.compile(attn_in, dynamic=True),
+            torch.compile(attn_out, dynamic=True),
+            torch.compile(layer_norm, dynamic=True),
+        )
+    if mode in ("liger", "triton"):
+        if device.type != "cuda":
+            raise ValueError(f"fused_ops={mode!r} runs Triton kernels and needs a CUDA device; use 'compile' or 'none'")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError(f"fused_ops={mode!r} needs the liger-kernel package (pip install liger-kernel)")
+        norm = _liger_layer_norm()
+
+        def liger_in(x, w, cos, sin, num_heads, eps):
+            return attn_in(x, w, cos, sin, num_heads, eps, norm=norm)
+
+        def liger_out(x, o, w, eps):
+            return attn_out(x, o, w, eps, norm=norm)
+
+        return FusedOps(mode, liger_in, liger_out, norm)
+    raise ValueError(f"unknown fused_ops mode {mode!r}; choose one of auto, {', '.join(MODES)}")
