@@ -1,0 +1,258 @@
+"""One training-engine interface with two implementations.
+
+- `DeepSpeedEngine`: ZeRO 0/1/2/3, optional CPU offload, bf16 on GPU / fp32 on CPU, clipping, accumulation.
+  Used for every real run; also runs on CPU with gloo (tests and the demo).
+- `TorchEngine`: a plain torch AdamW loop, single process or DDP; the fast path for unit tests.
+
+The loop (`loop.py`) only talks to this interface. It drives gradient accumulation itself: for every micro-batch
+it calls `forward` then `backward(loss, is_boundary)`, and after the boundary micro-batch `step()`. The loss it
+passes in is already normalised (`loss_sum * world_size / step_target_tokens`, see docs/internals.md), so both
+engines must apply no further scaling by the accumulation count; the data-parallel gradient mean supplies the
+`1 / world_size`.
+
+The model must expose `loss(batch) -> (loss_sum, num_target_tokens)` (docs/internals.md). DeepSpeed only sees a
+`LossModule` wrapper whose `forward(batch)` calls it, so ZeRO-3's parameter-gathering hooks run (they live on
+module calls, not on arbitrary methods).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from otterhd_ray.config import FinetuneConfig
+from otterhd_ray.train.deepspeed import build_deepspeed_config, resolve_precision
+from otterhd_ray.train.schedule import build_optimizer, build_scheduler, param_groups
+
+# Files a checkpoint directory holds per engine (checkpoint.py checks them before trusting a checkpoint).
+TORCH_MODEL_FILE = "model.pt"
+TORCH_OPTIM_FILE = "optimizer.pt"
+DS_TAG = "deepspeed"
+
+
+class LossModule(nn.Module):
+    """`forward(batch) -> (loss_sum, num_target_tokens)`: lets DeepSpeed/DDP call `model.loss` as a forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        return self.model.loss(batch)
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move tensors (non-blocking; pinned host memory makes it async on GPU); keep python values as they are."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+class Engine(ABC):
+    """forward / backward / step / zero_grad / save / load / state — the loop's whole view of training."""
+
+    device: torch.device
+    model: nn.Module  # the bare model (for export and evaluation), never the wrapper
+
+    @abstractmethod
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """`(loss_sum, num_target_tokens)` of one packed micro-batch already on `self.device`."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
+        """Accumulate gradients; `is_boundary` marks the last micro-batch of an optimizer step."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip, update, advance the LR schedule, clear grads; returns the pre-clip grad norm (on device)."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Every rank calls this (ZeRO shards are per rank); it returns once this rank's files are written."""
+
+    @abstractmethod
+    def load(self, directory: str | Path) -> None: ...
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Small facts for logging: `lr`, `optimizer_steps` (applied updates since the engine was built)."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float: ...
+
+
+# ------------------------------------------------------------------------------------------------ torch
+class TorchEngine(Engine):
+    """Plain torch: AdamW + LambdaLR, optional DDP (`no_sync` on non-boundary micro-batches)."""
+
+    def __init__(
+        self, model: nn.Module, cfg: FinetuneConfig, total_steps: int, device: torch.device, ddp: bool
+    ) -> None:
+        self.device = device
+        self.model = model.to(device)
+        self._cfg = cfg
+        wrapper = LossModule(self.model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapper = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+        self._module = wrapper
+        self._ddp = ddp
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim.scheduler, total_steps, cfg.optim.warmup_ratio)
+        self._num_updates = 0
+        precision = resolve_precision(cfg.train.precision, device.type == "cuda")
+        self._autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        if self._autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                return self._module(batch)
+        return self._module(batch)
+
+    def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
+        if self._ddp and not is_boundary:
+            # DDP all-reduces inside backward; skip it for all but the step's last micro-batch.
+            with self._module.no_sync():
+                loss.backward()
+        else:
+            loss.backward()
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self._cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.zero_grad()
+        self._num_updates += 1
+        return norm.detach()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:  # replicas are identical under DDP
+            torch.save(self.model.state_dict(), directory / TORCH_MODEL_FILE)
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                directory / TORCH_OPTIM_FILE,
+            )
+
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.load_state_dict(torch.load(directory / TORCH_MODEL_FILE, map_location=self.device))
+        state = torch.load(directory / TORCH_OPTIM_FILE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self.lr, "optimizer_steps": self._num_updates}
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+# -------------------------------------------------------------------------------------------- deepspeed
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO engine; `deepspeed` is imported here, inside the worker, as Ray Train requires."""
+
+    def __init__(
+        self, model: nn.Module, cfg: FinetuneConfig, total_steps: int, device: torch.device, world_size: int
+    ) -> None:
+        import deepspeed
+
+        use_gpu = device.type == "cuda"
+        self.device = device
+        self.model = model
+        self.ds_config = build_deepspeed_config(cfg, world_size, use_gpu)
+        precision = resolve_precision(cfg.train.precision, use_gpu)
+        if precision == "bf16":
+            # DeepSpeed's bf16 mode expects the module already in bf16; fp32 masters live in the optimizer.
+            model.to(torch.bfloat16)
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.optim.weight_decay)]
+        optim = cfg.optim
+
+        def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return build_scheduler(optimizer, optim.scheduler, total_steps, optim.warmup_ratio)
+
+        wrapper = LossModule(model)
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=wrapper,
+            model_parameters=groups,
+            lr_scheduler=make_scheduler,
+            config=self.ds_config,
+            dist_init_required=not torch.distributed.is_initialized(),
+        )
+        self._num_updates = 0
+
+    @property
+    def ds_engine(self) -> Any:
+        return self._engine
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        return self._engine(batch)
+
+    def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
+        # We own the boundaries (a short last step per epoch is allowed); DeepSpeed reduces and steps on them.
+        self._engine.set_gradient_accumulation_boundary(is_boundary)
+        self._engine.backward(loss, scale_wrt_gas=False)
+        if not is_boundary:
+            # DeepSpeed's step() on a non-boundary micro-step only advances its micro-step counter.
+            self._engine.step()
+
+    def step(self) -> torch.Tensor:
+        self._engine.step()
+        self._num_updates += 1
+        norm = self._engine.get_global_grad_norm()
+        if norm is None:
+            return torch.full((), float("nan"), device=self.device)
+        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=self.device)
+
+    def zero_grad(self) -> None:
+        self._engine.zero_grad()
+
+    def save(self, directory: str | Path) -> None:
+        # save_latest=False: the Ray checkpoint directory is the unit of "latest", not DeepSpeed's tag file.
+        self._engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: str | Path) -> None:
+        path, _ = self._engine.load_checkpoint(
+            str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self.lr, "optimizer_steps": self._num_updates}
+
+    @property
+    def lr(self) -> float:
+        return float(self._engine.get_lr()[0])
+
+
+def build_engine(
+    model: nn.Module, cfg: FinetuneConfig, total_steps: int, device: torch.device, world_size: int
+) -> Engine:
+    """DeepSpeed when `deepspeed.enabled`, else plain torch (DDP when `world_size > 1`)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if cfg.deepspeed.enabled:
+        # DeepSpeed looks for mpi4py unless the launcher's env vars are there; torch.distributed already set
+        # them up under Ray Train, and a single in-process run gets defaults here.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        return DeepSpeedEngine(model, cfg, total_steps, device, world_size)
+    return TorchEngine(model, cfg, total_steps, device, ddp=world_size > 1)

@@ -1,0 +1,180 @@
+"""Training metrics: on-device accumulation, one host read every `log_every_steps`, three sinks.
+
+Sinks (rank 0 only, so numbers are not counted `world_size` times): wandb (offline unless `wandb.mode:
+online`), `ray.util.metrics` gauges/counters (exported to Prometheus by every Ray node), and a log line with
+progress and ETA. Values are global: the window's accumulators are all-reduced across ranks at log time, which
+is also the only host-device sync of the loop.
+
+MFU here is *model* FLOPs utilisation: `6 * N_matmul + 6 * L * D * mean_seq` FLOPs per token (forward +
+backward; causal attention counted at half of `12 * L * D * s`), divided by the device's dense bf16 peak.
+Embedding lookups are not matmuls and are excluded; the patch projection and lm_head are included.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("otterhd_ray.train")
+
+# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets; MFU is omitted on devices not listed (and on CPU).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: torch.nn.Module, mean_seq_len: float) -> float:
+    """Training FLOPs per token (see the module docstring)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    n_matmul = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_layers", 0)
+    hidden = getattr(cfg, "hidden_size", 0)
+    return 6.0 * n_matmul + 6.0 * layers * hidden * mean_seq_len
+
+
+class WindowAccumulator:
+    """Per-window sums kept on device: loss_sum, target tokens, all tokens, samples, grad-norm sum, steps."""
+
+    FIELDS = ("loss_sum", "target_tokens", "tokens", "samples", "seq_sq", "grad_norm_sum", "steps")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        # Host-side counts are summed on the host and joined with the device sums at read time.
+        self._host = torch.zeros(len(self.FIELDS), dtype=torch.float64)
+        self.data_wait_s = 0.0
+        self.started = time.perf_counter()
+
+    def add_micro(self, loss_sum: torch.Tensor, host: dict[str, float]) -> None:
+        """`host`: the micro-batch's counts computed on the host before the copy (no device read)."""
+        self.sums[0] += loss_sum.detach().to(torch.float64)
+        self._host += torch.tensor(
+            [0.0, host["target_tokens"], host["tokens"], host["samples"], host["seq_sq"], 0.0, 0.0],
+            dtype=torch.float64,
+        )
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        self.sums[5] += grad_norm.detach().to(self.device, torch.float64)
+        self.sums[6] += 1
+
+    def read(self, world_size: int) -> dict[str, float]:
+        """All-reduce (when distributed) and read: the window's one host sync. Resets the window."""
+        sums = self.sums + self._host.to(self.device)
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        values = dict(zip(self.FIELDS, sums.tolist(), strict=True))
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {
+            "loss": values["loss_sum"] / max(values["target_tokens"], 1.0),
+            # grad norm is the same on every rank; the sum counted it world_size times
+            "grad_norm": values["grad_norm_sum"] / max(values["steps"], 1.0) / (world_size if world_size > 1 else 1),
+            "tokens_per_s": values["tokens"] / elapsed,
+            "tokens_per_s_per_worker": values["tokens"] / elapsed / max(world_size, 1),
+            "samples_per_s": values["samples"] / elapsed,
+            "target_tokens": values["target_tokens"],
+            "tokens": values["tokens"],
+            "samples": values["samples"],
+            "mean_seq_sq": values["seq_sq"] / max(values["tokens"], 1.0),
+            "data_wait_fraction": min(1.0, self.data_wait_s / elapsed),
+            "window_s": elapsed,
+        }
+        self.sums.zero_()
+        self._host.zero_()
+        self.data_wait_s = 0.0
+        self.started = time.perf_counter()
+        return out
+
+
+class MetricsSink:
+    """Rank-0 sinks: wandb, Ray metrics, log lines, and a JSONL history (`output_dir/metrics.jsonl`)."""
+
+    def __init__(self, cfg: Any, rank: int, run_id: str, history_path: str | Path | None) -> None:
+        self.rank = rank
+        self.cfg = cfg
+        self._wandb = None
+        self._gauges: dict[str, Any] = {}
+        self._counters: dict[str, Any] = {}
+        self._history = Path(history_path) if history_path and rank == 0 else None
+        self._started = time.perf_counter()
+        if rank != 0:
+            return
+        if self._history is not None:
+            self._history.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb.enabled:
+            self._init_wandb(run_id)
+        self._init_ray_metrics()
+
+    def _init_wandb(self, run_id: str) -> None:
+        import wandb
+
+        w = self.cfg.wandb
+        # A fixed id + resume="allow": a restarted or resumed run appends to the same wandb run.
+        self._wandb = wandb.init(
+            project=w.project, entity=w.entity, name=w.run_name or self.cfg.ray.name, id=run_id,
+            resume="allow", mode=w.mode, dir=self.cfg.train.output_dir, config=self.cfg.model_dump(mode="json"),
+        )
+
+    def _init_ray_metrics(self) -> None:
+        try:
+            import ray
+            from ray.util.metrics import Counter, Gauge
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return  # plain pytest: no Ray, no Prometheus export
+        tags = ("run",)
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "data_wait_fraction", "step"):
+            self._gauges[name] = Gauge(f"otterhd_train_{name}", description=f"training {name}", tag_keys=tags)
+        for name in ("tokens", "samples"):
+            self._counters[name] = Counter(f"otterhd_train_{name}_total", description=f"{name} trained", tag_keys=tags)
+
+    def log(self, metrics: dict[str, Any], total_steps: int) -> None:
+        if self.rank != 0:
+            return
+        tags = {"run": self.cfg.ray.name}
+        for name, gauge in self._gauges.items():
+            if metrics.get(name) is not None:
+                gauge.set(float(metrics[name]), tags=tags)
+        for name, counter in self._counters.items():
+            if metrics.get(name):
+                counter.inc(float(metrics[name]), tags=tags)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+                            step=int(metrics["step"]))
+        if self._history is not None:
+            with self._history.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        logger.info(self.format_line(metrics, total_steps))
+
+    def format_line(self, m: dict[str, Any], total_steps: int) -> str:
+        step = int(m["step"])
+        done = step - int(m.get("resumed_from_step", 0))
+        elapsed = time.perf_counter() - self._started
+        eta = dt.timedelta(seconds=int(elapsed / done * (total_steps - step))) if done > 0 else "?"
+        mfu = f" mfu {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
+        return (
+            f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.1f}%) epoch {m['epoch'] + 1} "
+            f"loss {m['loss']:.4f} lr {m['lr']:.3e} gnorm {m['grad_norm']:.3f} "
+            f"tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.2f}{mfu} "
+            f"data-wait {100 * m['data_wait_fraction']:.1f}% eta {eta}"
+        )
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
