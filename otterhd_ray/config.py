@@ -111,6 +111,9 @@ class TrainConfig(Strict):
     save_hf_model: bool = False
     output_dir: str = "outputs"
     seed: int = 0
+    log_samples: bool = Field(
+        False, description="Append each step's sample indices to output_dir/samples/rank<r>.jsonl (audits)."
+    )
 
 
 class RayConfig(Strict):
