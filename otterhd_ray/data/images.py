@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats we decode; anything else (EPS/PDF through Ghostscript, ICNS, ...) is refused as undecodable rather than
-# handed to a plugin that may shell out or parse exotic containers. MPO is how many phone cameras' JPEGs open.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# handed to a plugin that may shell out or parse exotic containers. (Phone cameras' multi-picture JPEGs open through
+# the JPEG plugin and report format "MPO".)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DRAFT_MARGIN = 2
 
 _ORIENTATION_TAG = 0x0112

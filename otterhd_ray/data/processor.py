@@ -107,7 +107,8 @@ def patchify(pixels_HW3: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         .transpose(0, 2, 1, 3, 4)
         .reshape(rows * cols, PATCH_DIM)
     )
-    return np.ascontiguousarray(patches_PC), (rows, cols)
+    # Own, writable, contiguous memory: a reshape of PIL's read-only buffer can otherwise come back as a view.
+    return np.require(patches_PC, requirements=("C", "W", "O")), (rows, cols)
 
 
 def image_to_patches(
