@@ -99,7 +99,9 @@ def list_shard_files(path: PathLike) -> list[str]:
         found = [
             i.path
             for i in infos
-            if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, inner) and _is_shard_name(i.base_name)
+            if i.type == pafs.FileType.File
+            and fnmatch.fnmatchcase(i.path, inner)
+            and _is_shard_name(i.base_name)
         ]
     else:
         info = fs.get_file_info(inner)
@@ -137,7 +139,9 @@ def count_rows(paths: PathLike | Sequence[PathLike]) -> int:
     return total
 
 
-def iter_shard_rows(path_or_dir: PathLike | Sequence[PathLike], columns: list[str] | None = None) -> Iterator[dict]:
+def iter_shard_rows(
+    path_or_dir: PathLike | Sequence[PathLike], columns: list[str] | None = None
+) -> Iterator[dict]:
     """Yield rows as dicts, reading one row group at a time (memory bounded by the largest row group)."""
     for path in _as_file_list(path_or_dir):
         with _open_parquet(path) as pf:
@@ -397,7 +401,9 @@ def _read_json(path: PathLike) -> Any:
 def _load_instructions(path: PathLike) -> dict[str, Any]:
     doc = _read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
-        raise ValueError(f"{path}: expected a MIMIC-IT instruction JSON {{'meta': ..., 'data': {{id: {{...}}}}}}")
+        raise ValueError(
+            f"{path}: expected a MIMIC-IT instruction JSON {{'meta': ..., 'data': {{id: {{...}}}}}}"
+        )
     return doc["data"]
 
 
@@ -576,7 +582,9 @@ class ParquetImages:
             for group in sorted(by_group):
                 rows = by_group[group]
                 offset = 0
-                for batch in pf.iter_batches(batch_size=self.batch_size, row_groups=[group], columns=["base64"]):
+                for batch in pf.iter_batches(
+                    batch_size=self.batch_size, row_groups=[group], columns=["base64"]
+                ):
                     values = batch.column(0)
                     for row in range(offset, offset + batch.num_rows):
                         for image_id in rows.get(row, ()):
@@ -658,7 +666,9 @@ def convert_mimicit(
                 stats.reject("image_not_found")
                 rejects.append({"id": plan.sample_id, "source": source, "reason": "image_not_found"})
 
-    with ShardWriter(out_dir, rows_per_group=rows_per_group, rows_per_file=rows_per_file, overwrite=overwrite) as w:
+    with ShardWriter(
+        out_dir, rows_per_group=rows_per_group, rows_per_file=rows_per_file, overwrite=overwrite
+    ) as w:
         for image_id, value in reader.stream(where):
             try:
                 image = decode_base64_image(value)
@@ -672,7 +682,10 @@ def convert_mimicit(
                     continue
                 conversations = []
                 for instruction, answer in plan.turns:
-                    conversations += [{"role": "user", "text": instruction}, {"role": "assistant", "text": answer}]
+                    conversations += [
+                        {"role": "user", "text": instruction},
+                        {"role": "assistant", "text": answer},
+                    ]
                 w.write(
                     {
                         "id": plan.sample_id,
