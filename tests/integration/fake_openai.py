@@ -12,6 +12,7 @@ Actions (consumed one per POST /v1/chat/completions, in arrival order):
     stall:<s>      sleep s seconds before answering (past the client's timeout the client gives up)
     malformed      200 with a body that is not JSON
     empty_choices  200 with valid JSON whose `choices` is empty
+    401echo        401 whose error message echoes the request's Authorization header (a hostile server)
 Every request is recorded (`server.requests`: parsed body, headers, action) for assertions.
 """
 
@@ -32,9 +33,7 @@ def _completion(text: str, model: str) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
     }
 
@@ -97,8 +96,9 @@ class FakeOpenAI:
                     body = {}
                 action = fake._next_action()
                 with fake._lock:
-                    fake.requests.append({"path": self.path, "body": body, "headers": dict(self.headers),
-                                          "action": action})
+                    fake.requests.append(
+                        {"path": self.path, "body": body, "headers": dict(self.headers), "action": action}
+                    )
                 if not self.path.endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
@@ -111,15 +111,24 @@ class FakeOpenAI:
                     text = arg if arg else fake.answer(body)
                     self._send(200, json.dumps(_completion(text, model)).encode())
                 elif name == "429":
-                    err = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}}
+                    err = {
+                        "error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}
+                    }
                     self._send(429, json.dumps(err).encode(), {"Retry-After": arg or "0"})
                 elif name in ("500", "502", "503"):
                     err = {"error": {"message": "The server had an error", "type": "server_error"}}
                     self._send(int(name), json.dumps(err).encode())
                 elif name == "malformed":
                     self._send(200, b'{"choices": [{"message": {"content": "ye')
+                elif name == "401echo":
+                    err = {
+                        "error": {"message": f"bad key {self.headers.get('Authorization')}", "type": "auth"}
+                    }
+                    self._send(401, json.dumps(err).encode())
                 elif name == "empty_choices":
-                    self._send(200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode())
+                    self._send(
+                        200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode()
+                    )
                 else:
                     raise AssertionError(f"unknown scripted action {action!r}")
 

@@ -1,0 +1,134 @@
+"""Predictor actor: a Ray Data stateful callable that answers both questions of each benchmark item.
+
+The model is loaded once, in `__init__`, from an HF directory (ours or adept/fuyu-8b's layout) through
+`otterhd_ray.models.fuyu.hf.load_hf`; one `__call__` takes a batch of items and runs one batched greedy
+KV-cache decode over 2 x batch prompts (the multiple-choice and the free-form question of every item), so the
+two generations of an item share the batch instead of running one after the other as the seed does.
+
+Input columns:  id (str), image (encoded bytes), mc_text, ff_text (prompts already in the model's convention).
+Output columns: id, mc_response, ff_response, num_prompt_tokens, num_new_tokens, error ("" when fine).
+An item whose image cannot be decoded gets `error` set and empty responses; it never fails the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Fuyu's processor shrinks (never enlarges) every image to fit this box; `resolution` acts before it.
+MAX_HW = (1080, 1920)
+# Decompression-bomb limit for benchmark images (PIL's default).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    """The seed's `resolution`: scale so the short side is `resolution` (aspect kept); -1 leaves it as is."""
+    if resolution == -1:
+        return image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image if size == (w, h) else image.resize(size, Image.Resampling.BILINEAR)
+
+
+def pick_device(device: str) -> str:
+    import torch  # noqa: PLC0415
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is visible to this actor")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    import torch  # noqa: PLC0415
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+class Predictor:
+    """`ds.map_batches(Predictor, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=N), num_gpus=g)`."""
+
+    def __init__(
+        self,
+        model_path: str,
+        resolution: int = -1,
+        max_new_tokens: int = 64,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        import torch  # noqa: PLC0415
+
+        from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
+        from otterhd_ray.data.tokenizer import fuyu_tokens, load_tokenizer  # noqa: PLC0415
+        from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.resolution = resolution
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer = load_tokenizer(model_path)
+        self.processor = FuyuProcessor(self.tokenizer)
+        tokens = fuyu_tokens(self.tokenizer)
+        self.stop_ids = sorted(
+            {tokens.end, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
+        )
+        model = load_hf(model_path)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        torch.set_grad_enabled(False)
+
+    def _prepare_image(self, data: bytes) -> Image.Image:
+        from otterhd_ray.data.images import decode_image  # noqa: PLC0415
+
+        return resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution)
+
+    def _encode(self, image: Image.Image, text: str) -> tuple[Any, Any]:
+        import torch  # noqa: PLC0415
+
+        input_ids, patches = self.processor.encode_prompt(image, text)
+        return torch.as_tensor(np.asarray(input_ids), dtype=torch.long), torch.as_tensor(np.asarray(patches))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(x) for x in batch["id"]]
+        n = len(ids)
+        mc_out, ff_out, errors = [""] * n, [""] * n, [""] * n
+        num_prompt, num_new = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        prompts: list[tuple[Any, Any]] = []
+        owners: list[tuple[int, str]] = []  # (item index, "mc" | "ff") of each prompt
+        for i in range(n):
+            try:
+                image = self._prepare_image(bytes(batch["image"][i]))
+                pair = [
+                    self._encode(image, str(batch["mc_text"][i])),
+                    self._encode(image, str(batch["ff_text"][i])),
+                ]
+            except ValueError as err:  # BadSample is a ValueError: an unreadable image fails its item only
+                errors[i] = f"{type(err).__name__}: {err}"[:300]
+                continue
+            for kind, prompt in zip(("mc", "ff"), pair, strict=True):
+                prompts.append(prompt)
+                owners.append((i, kind))
+                num_prompt[i] += int(prompt[0].numel())
+        start = time.perf_counter()
+        generated = self.model.generate(prompts, self.max_new_tokens, self.stop_ids) if prompts else []
+        seconds = time.perf_counter() - start
+        for (i, kind), new_ids in zip(owners, generated, strict=True):
+            new_ids = [t for t in new_ids if t not in self.stop_ids]
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            (mc_out if kind == "mc" else ff_out)[i] = text
+            num_new[i] += len(new_ids)
+        return {
+            "id": np.asarray(ids, dtype=object),
+            "mc_response": np.asarray(mc_out, dtype=object),
+            "ff_response": np.asarray(ff_out, dtype=object),
+            "num_prompt_tokens": num_prompt,
+            "num_new_tokens": num_new,
+            "generate_s": np.full(n, seconds / max(n, 1)),
+            "error": np.asarray(errors, dtype=object),
+        }
