@@ -256,7 +256,9 @@ class ShardWriter:
         self._buffer_bytes += len(clean["image"] or b"") + sum(
             len(t.get("text") or "") for t in clean["conversations"] or []
         )
-        if len(self._buffer) >= self.rows_per_group or self._buffer_bytes >= self.max_group_bytes:
+        # A group also ends where the current file ends, so groups never straddle two files.
+        room = self.rows_per_file - self._file_rows
+        if len(self._buffer) >= min(self.rows_per_group, room) or self._buffer_bytes >= self.max_group_bytes:
             self._flush_group()
 
     def write_many(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -298,6 +300,7 @@ class ShardWriter:
         self.fs.move(self._tmp_path, final)
         self.files.append(self._uri_prefix + final)
         self._writer = self._stream = self._tmp_path = None
+        self._file_rows = 0
 
     def close(self) -> None:
         """Flush buffered rows and finalise the last file."""
@@ -535,7 +538,7 @@ class ParquetImages:
     buffered stream, so memory stays bounded even when a writer put the whole file in one row group.
     """
 
-    def __init__(self, path: PathLike, batch_size: int = 32, buffer_size: int = 8 << 20) -> None:
+    def __init__(self, path: PathLike, batch_size: int = 16, buffer_size: int = 8 << 20) -> None:
         self.path = str(path)
         self.batch_size = batch_size
         self.buffer_size = buffer_size
