@@ -114,6 +114,11 @@ class TrainConfig(Strict):
     log_samples: bool = Field(
         False, description="Append each step's sample indices to output_dir/samples/rank<r>.jsonl (audits)."
     )
+    demo_data: bool = Field(
+        False,
+        description="Demo only: when data.datasets[0].path (a `<dir>/train` folder) or data.tokenizer_path is "
+        "missing, generate synthetic shards (`otterhd data synth`) and the tiny offline tokenizer there first.",
+    )
 
 
 class RayConfig(Strict):
