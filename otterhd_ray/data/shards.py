@@ -538,7 +538,7 @@ class ParquetImages:
     buffered stream, so memory stays bounded even when a writer put the whole file in one row group.
     """
 
-    def __init__(self, path: PathLike, batch_size: int = 16, buffer_size: int = 8 << 20) -> None:
+    def __init__(self, path: PathLike, batch_size: int = 16, buffer_size: int = 4 << 20) -> None:
         self.path = str(path)
         self.batch_size = batch_size
         self.buffer_size = buffer_size
