@@ -5,8 +5,8 @@
 - ``random``: a seeded choice among ``long_sides`` (plus the native size when ``native`` is on), aspect ratio kept.
   Sides larger than the image's own long side are not offered (enlarging adds tokens, not information); an image
   smaller than every side keeps its native size, or, with ``native`` off, gets the smallest side.
-- ``nearest``: the candidate closest to the native long side (with ``native`` on that is the native size itself,
-  capped — the mode is meant for ``native: false``).
+- ``nearest``: the long side closest to the native one, enlarging if that is closer (with ``native`` on that is
+  the native size itself, capped — the mode is meant for ``native: false``).
 - ``seed``: OtterHD's ``--dynamic_resolution``: a random square of ``seed_sizes`` (aspect ratio lost). The seed drew
   one square per batch; we draw one per sample and the packer only puts samples of one bucket into a micro-batch,
   so every micro-batch still has one square size and each sample's size has the seed's distribution.
@@ -77,15 +77,10 @@ class BucketPolicy:
         if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.seed_sizes, *self.cfg.native_max_hw]):
             raise ValueError("buckets: every size must be positive")
 
-    def _capped_scale(self, h: float, w: float) -> float:
-        cap_h, cap_w = self.cfg.native_max_hw
-        return min(1.0, cap_h / h, cap_w / w)
-
     def _fit(self, native_hw: tuple[int, int], long_side: float) -> tuple[int, int]:
         h, w = native_hw
-        scale = long_side / max(h, w)
-        scale = min(scale, self._capped_scale(h, w))
         cap_h, cap_w = self.cfg.native_max_hw
+        scale = min(long_side / max(h, w), cap_h / h, cap_w / w)
         return _round30(h * scale, cap_h), _round30(w * scale, cap_w)
 
     def candidates(self, native_hw: tuple[int, int]) -> list[float]:
@@ -108,7 +103,8 @@ class BucketPolicy:
         sides = self.candidates((h, w))
         if self.cfg.mode == "random":
             return self._fit((h, w), sides[int(rng.integers(len(sides)))])
-        native_long = max(h, w)
+        native_long = float(max(h, w))
+        sides = [float(s) for s in self.cfg.long_sides] + ([native_long] if self.cfg.native else [])
         return self._fit((h, w), min(sides, key=lambda s: (abs(s - native_long), s)))
 
     def group_key(self, size_hw: tuple[int, int]) -> Hashable:

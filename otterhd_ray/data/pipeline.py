@@ -112,7 +112,7 @@ class PipelineStats:
     rejects: Counter = field(default_factory=Counter)
     buckets: Counter = field(default_factory=Counter)  # "HxW" -> samples
     sources: Counter = field(default_factory=Counter)
-    preprocess_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
     @property
     def packing_efficiency(self) -> float:
@@ -126,7 +126,7 @@ class PipelineStats:
     def merge(self, other: PipelineStats) -> PipelineStats:
         out = PipelineStats(max_tokens=self.max_tokens)
         for name in ("num_micro_batches", "num_fillers", "num_samples", "num_tokens", "num_image_tokens",
-                     "num_target_tokens", "preprocess_seconds"):
+                     "num_target_tokens", "wait_seconds"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("rejects", "buckets", "sources"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
@@ -519,8 +519,6 @@ def _ray_ready() -> bool:
 def _iter_rows_ray(payloads: list[dict[str, Any]], cfg: DataConfig) -> Iterator[dict[str, Any]]:
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the rank's micro-batch order is the schedule's order
     items = [{"payload": json.dumps(p)} for p in payloads]
     concurrency = cfg.preprocess_concurrency or max(1, min(4, int(ray.available_resources().get("CPU", 1)) - 1))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -529,6 +527,9 @@ def _iter_rows_ray(payloads: list[dict[str, Any]], cfg: DataConfig) -> Iterator[
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=concurrency),
     )
+    # Per-dataset context (a copy): keeps rows in unit order, which bounds the assembly buffer to about one
+    # unit, without changing the process-wide DataContext other pipelines use.
+    ds.context.execution_options.preserve_order = True
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         keys = list(batch)
         for k in range(len(batch[keys[0]])):
@@ -610,25 +611,27 @@ class TrainIterator:
         units = [u for u in read_units(sched, self.rank, self.cfg.preprocess_batch_size) if u["mbs"][-1] >= p]
         payloads = [unit_payload(sched, self.rank, u, self.cfg, self.tokenizer_dir) for u in units]
         rows = _iter_rows_ray(payloads, self.cfg) if self.use_ray and payloads else _iter_rows_local(payloads)
-        pending: list[dict[str, Any]] = []  # rows of the micro-batch being assembled
-        unit_rejects: list[dict[str, Any]] = []
+        # Rows are gathered per micro-batch and emitted strictly in order once complete, so the output does not
+        # depend on the order rows arrive in (Ray Data preserves it here anyway, which bounds this buffer).
+        waiting: dict[int, list[dict[str, Any]]] = {}
+        next_j = units[0]["mbs"][0] if units else len(mbs)
+        unit_rejects: dict[int, list[dict[str, Any]]] = {}
         remaining = {u["unit"]: sum(len(mbs[j]) for j in u["mbs"]) for u in units}
         t0 = time.perf_counter()
         for row in rows:
-            if pending and int(row["mb"]) != int(pending[0]["mb"]):
-                yield from self._emit(pending, p, t0)
-                pending = []
-                t0 = time.perf_counter()
-            pending.append(row)
+            j, unit = int(row["mb"]), int(row["unit"])
+            waiting.setdefault(j, []).append(row)
             if row["reason"]:
-                unit_rejects.append(self._row_reject(row))
-            unit = int(row["unit"])
+                unit_rejects.setdefault(unit, []).append(self._row_reject(row))
             remaining[unit] -= 1
             if remaining[unit] == 0:  # the unit is complete: its rejects file is whole before we yield past it
-                self._write_rejects(f"rank-{self.rank:05d}-unit-{unit:06d}.parquet", unit_rejects)
-                unit_rejects = []
-        if pending:
-            yield from self._emit(pending, p, t0)
+                self._write_rejects(f"rank-{self.rank:05d}-unit-{unit:06d}.parquet", unit_rejects.pop(unit, []))
+            while next_j < len(mbs) and len(waiting.get(next_j, ())) == len(mbs[next_j]):
+                yield from self._emit(sorted(waiting.pop(next_j), key=lambda r: int(r["sample_index"])), p, t0)
+                next_j += 1
+                t0 = time.perf_counter()
+        if next_j != len(mbs) or waiting:
+            raise AssertionError(f"rank {self.rank}: preprocessing lost rows (stopped at micro-batch {next_j})")
         for j in range(len(mbs), self.num_micro_batches):  # this rank's block is short: fillers
             if j >= p:
                 self.stats.num_micro_batches += 1
@@ -640,7 +643,7 @@ class TrainIterator:
         if j < start:  # re-decoded only to rewrite the unit's rejects file; consumed before the resume
             return
         st = self.stats
-        st.preprocess_seconds += time.perf_counter() - t0
+        st.wait_seconds += time.perf_counter() - t0
         good = [r for r in rows if not r["reason"]]
         for r in rows:
             if r["reason"]:
