@@ -136,21 +136,31 @@ class FuyuProcessor:
         self.tokenizer = tokenizer
         self.instruction_template = instruction_template
         self.tokens = fuyu_tokens(tokenizer)
-        self._reserved = {self.tokens.image, self.tokens.newline}
+        # Ids text must not produce: image placeholders break the |SPEAKER| count == patch count invariant (the
+        # model fails on the sample); in training text a boa or end token (e.g. a raw "\x04" char, which byte
+        # fallback maps to <0x04>) would fake a turn boundary or an early stop in the supervision.
+        self._reserved = frozenset({self.tokens.image, self.tokens.newline})
+        self._reserved_training = self._reserved | {self.tokens.boa, self.tokens.end}
         # Fail at construction, not on the first sample, when "<0x04>" is not one token for this tokenizer.
         self._encode_prompt_text(self.instruction_template.replace("{instruction}", "probe"))
 
     # --------------------------------------------------------------------------------------------- text
-    def _tokenize(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self._reserved.intersection(ids):
-            # Image placeholders in text would break the |SPEAKER| count == patch count invariant.
-            raise BadSample("reserved_token_in_text", "text contains the image or image-newline token")
-        return list(ids)
+    def _check_reserved(self, ids: list[int], reserved: frozenset[int]) -> None:
+        found = reserved.intersection(ids)
+        if found:
+            names = self.tokenizer.convert_ids_to_tokens(sorted(found))
+            raise BadSample("reserved_token_in_text", f"text encodes to reserved token(s) {names}")
 
-    def _encode_prompt_text(self, prompt: str) -> list[int]:
+    def _tokenize(self, text: str, reserved: frozenset[int]) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self._check_reserved(ids, reserved)
+        return ids
+
+    def _encode_prompt_text(self, prompt: str, training: bool = False) -> list[int]:
         # HF tokenizes the prompt together with "<0x04>" (not the id appended), so do the same.
-        ids = self._tokenize(prompt + BOA_TOKEN)
+        ids = self._tokenize(prompt + BOA_TOKEN, self._reserved)
+        if training:
+            self._check_reserved(ids[:-1], self._reserved_training)
         if not ids or ids[-1] != self.tokens.boa:
             raise ValueError(
                 f"tokenizer does not encode {BOA_TOKEN!r} at the end of a prompt as its boa token "
@@ -204,10 +214,10 @@ class FuyuProcessor:
         labels = [IGNORE_INDEX] * len(ids)
         for instruction, answer in turns:
             prompt_ids = self._encode_prompt_text(
-                self.instruction_template.replace("{instruction}", instruction)
+                self.instruction_template.replace("{instruction}", instruction), training=True
             )
             # " {answer}": the seed's space after <0x04>; a Metaspace tokenizer encodes it as the word-start mark.
-            answer_ids = self._tokenize(" " + answer) + [self.tokens.end]
+            answer_ids = self._tokenize(" " + answer, self._reserved_training) + [self.tokens.end]
             ids += prompt_ids + answer_ids
             labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         return self._sample(ids, labels, patches_PC, grid, bucket)
