@@ -1,8 +1,9 @@
 """cluster/grafana/otterhd_dashboard.json: importable as is, and every query names a metric that exists.
 
 Ray exports a `ray.util.metrics` metric called `otterhd_train_loss` to Prometheus as `ray_otterhd_train_loss`
-(gauges) and a counter `otterhd_eval_judge_requests` as `ray_otterhd_eval_judge_requests_total` (checked by
-scraping Ray 2.60's metrics endpoint; tests/integration/test_ops_jobs.py checks it against the real jobs).
+(gauges), a counter `otterhd_eval_judge_requests` as `ray_otterhd_eval_judge_requests_total`, and a counter
+already named `otterhd_train_tokens_total` as `ray_otterhd_train_tokens_total` (no second suffix). Checked by
+scraping Ray 2.60's metrics endpoint; tests/integration/test_ops_jobs.py checks the real jobs' names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "otter
 APP_METRICS = {
     **{f"otterhd_train_{n}": "gauge" for n in (
         "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "data_wait_fraction", "step")},
+    # otterhd_ray/train/metrics.py names its counters with the suffix already.
+    "otterhd_train_tokens_total": "counter",
+    "otterhd_train_samples_total": "counter",
     "otterhd_eval_items_done": "counter",
     "otterhd_eval_items_per_s": "gauge",
     "otterhd_eval_judge_requests": "counter",
@@ -32,8 +36,10 @@ PROMQL_FUNCTIONS = {"sum", "avg", "max", "min", "rate", "increase", "by", "on", 
 
 
 def exported_name(name: str, kind: str) -> str:
-    """Prometheus name of a ray.util.metrics metric: `ray_` prefix; counters also get `_total`."""
-    return f"ray_{name}_total" if kind == "counter" else f"ray_{name}"
+    """Prometheus name of a ray.util.metrics metric: `ray_` prefix; counters end in `_total` (added once)."""
+    if kind == "counter" and not name.endswith("_total"):
+        return f"ray_{name}_total"
+    return f"ray_{name}"
 
 
 KNOWN = {exported_name(n, k) for n, k in APP_METRICS.items()} | RAY_SYSTEM_METRICS
@@ -108,8 +114,14 @@ def test_counters_are_queried_as_counters(dashboard):
     # A counter's exported name ends in _total; plotting the gauge-style name would show an empty panel.
     exprs = [t["expr"] for p in _panels(dashboard) for t in p["targets"]]
     for name, kind in APP_METRICS.items():
-        if kind == "counter":
+        if kind == "counter" and not name.endswith("_total"):
             assert not any(re.search(rf"\bray_{name}\b(?!_total)", e) for e in exprs), name
+
+
+def test_exported_name_rule():
+    assert exported_name("otterhd_train_loss", "gauge") == "ray_otterhd_train_loss"
+    assert exported_name("otterhd_eval_judge_requests", "counter") == "ray_otterhd_eval_judge_requests_total"
+    assert exported_name("otterhd_train_tokens_total", "counter") == "ray_otterhd_train_tokens_total"
 
 
 def test_metric_name_parser():
