@@ -87,7 +87,7 @@ def resolve_attention(name: str, device: torch.device | str) -> str:
 def _boundaries(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     # One host sync: the looping backends need Python ints for slicing.
     bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _eager(q_THK, k_THK, v_THK, cu_seqlens, max_seqlen, scale):

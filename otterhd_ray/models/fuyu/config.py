@@ -142,16 +142,17 @@ class FuyuModelConfig:
 FLAVOURS: dict[str, FuyuModelConfig] = {
     # HF adept/fuyu-8b: Persimmon-8B decoder, ~9.4 B parameters.
     "fuyu-8b": FuyuModelConfig(),
-    # Tiny model for CPU tests and the demo. The vocabulary covers the tiny offline tokenizer; callers that use a
-    # real tokenizer call `config_for_tokenizer` so the special ids match it.
+    # Tiny model for CPU tests and the demo. Vocabulary and ids fit the tiny offline tokenizer
+    # (otterhd_ray.data.tokenizer: 543 entries, |SPEAKER| = 259); with another tokenizer call
+    # `config_for_tokenizer` so the special ids match it.
     "debug": FuyuModelConfig(
-        vocab_size=1024,
+        vocab_size=576,
         hidden_size=64,
         intermediate_size=256,
         num_layers=2,
         num_heads=4,
         max_position_embeddings=8192,
-        image_token_id=10,
+        image_token_id=259,
     ),
 }
 

@@ -68,15 +68,14 @@ def key_map(cfg: FuyuModelConfig, layout: str = "v5") -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ reading
 def _weight_files(root: Path, allow_pickle: bool) -> tuple[list[Path], str]:
-    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
-        index = root / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            paths = [root / f for f in files]
-            break
+    indexes = {"safetensors": root / "model.safetensors.index.json", "bin": root / "pytorch_model.bin.index.json"}
+    found = [k for k, index in indexes.items() if index.is_file()]
+    if found:
+        kind = found[0]
+        files = sorted(set(json.loads(indexes[kind].read_text())["weight_map"].values()))
+        paths = [root / f for f in files]
     else:
-        paths = sorted(root.glob("*.safetensors"))
-        kind = "safetensors"
+        paths, kind = sorted(root.glob("*.safetensors")), "safetensors"
         if not paths:
             paths, kind = sorted(root.glob("*.bin")), "bin"
     if not paths:

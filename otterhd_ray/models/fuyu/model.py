@@ -22,18 +22,14 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
+from otterhd_ray.data.processor import normalize_patches
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.ops.attention import cached_attention, packed_attention, resolve_attention
 from otterhd_ray.ops.fused import FusedOps, LayerWeights, resolve_fused_ops, rotary_cos_sin
 from otterhd_ray.ops.loss import IGNORE_INDEX, linear_cross_entropy
 
 CHECKPOINTING = ("none", "selective", "full")
-
-
-def normalize_patches(patches_PC: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> `(x/255 - 0.5)/0.5` in float32, the values transformers' Fuyu image processor emits."""
-    # A private copy of otterhd_ray.data.processor.normalize_patches (same formula) until that module lands.
-    return (patches_PC.to(torch.float32) / 255.0 - 0.5) / 0.5
+__all__ = ["FuyuForCausalLM", "build_model", "new_model", "normalize_patches"]
 
 
 # ---------------------------------------------------------------------------------------------- modules

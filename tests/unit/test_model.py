@@ -1,0 +1,213 @@
+"""The packed model: packing invariance, loss, activation checkpointing, decoding, config and build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otterhd_ray.config import ModelConfig
+from otterhd_ray.models.fuyu import FuyuForCausalLM, build_model, flavour_config, new_model
+from otterhd_ray.models.fuyu.config import FuyuModelConfig
+from otterhd_ray.ops.attention import available_backends
+
+CFG = flavour_config("debug")
+IMG = CFG.image_token_id
+
+
+def sample(rows, cols, num_text, seed, num_targets=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(([IMG] * cols + [IMG + 1]) * rows + [1] + torch.randint(3, IMG, (num_text,), generator=g).tolist())
+    patches = torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g)
+    labels = torch.full_like(ids, -100)
+    if num_targets:
+        labels[-num_targets:] = ids[-num_targets:]
+    return ids, patches, labels
+
+
+def pack(samples):
+    """The packed micro-batch of docs/internals.md (targets shifted within each sample)."""
+    ids = torch.cat([s[0] for s in samples])
+    targets = []
+    for _, _, labels in samples:
+        t = torch.full_like(labels, -100)
+        t[:-1] = labels[1:]
+        targets.append(t)
+    lengths = [len(s[0]) for s in samples]
+    target_ids = torch.cat(targets)
+    return {
+        "input_ids": ids,
+        "target_ids": target_ids,
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
+        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        "max_seqlen": max(lengths),
+        "patches": torch.cat([s[1] for s in samples]),
+        "num_target_tokens": int((target_ids != -100).sum()),
+    }
+
+
+SAMPLES = [sample(2, 3, 6, 0), sample(0, 0, 8, 1), sample(3, 2, 5, 2, num_targets=5), sample(1, 1, 1, 3, 1)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return new_model(CFG, attention="eager")
+
+
+def forward(m, batch):
+    return m(batch["input_ids"], batch["patches"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_packed_forward_equals_each_sample_alone(model, backend):
+    model.set_switches(attention=backend)
+    with torch.no_grad():
+        packed = forward(model, pack(SAMPLES))
+        alone = torch.cat([forward(model, pack([s])) for s in SAMPLES])
+    model.set_switches(attention="eager")
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_count_mismatch_is_an_error(model):
+    batch = pack(SAMPLES[:1])
+    batch["patches"] = batch["patches"][:-1]
+    with pytest.raises(RuntimeError, match="image patches"):
+        forward(model, batch)
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, name: str, rel: float = 1e-5) -> None:
+    """Max abs error within `rel` of the tensor's scale (float32 summation order differs between paths)."""
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= rel * scale + 1e-8, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def full_logits_loss(m, batch):
+    logits = m.logits(forward(m, batch)).float()
+    return F.cross_entropy(logits, batch["target_ids"], ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [2, 2048])
+def test_loss_equals_reference_and_gradients(chunk):
+    torch.manual_seed(1)
+    m = new_model(CFG, attention="eager", loss_chunk_size=chunk)
+    batch = pack(SAMPLES)
+    ref = full_logits_loss(m, batch)
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    loss_sum, num = m.loss(batch)
+    grads = torch.autograd.grad(loss_sum, list(m.parameters()))
+    assert num == batch["num_target_tokens"] == 3 + 3 + 5 + 1
+    torch.testing.assert_close(loss_sum, ref)
+    for (name, _), a, b in zip(m.named_parameters(), grads, ref_grads, strict=True):
+        assert_rel_close(a, b, name)
+
+
+def test_loss_without_count_and_without_targets(model):
+    batch = pack(SAMPLES)
+    n = batch.pop("num_target_tokens")
+    loss_sum, num = model.loss(batch)
+    assert num == n and loss_sum.item() > 0
+    empty = pack([sample(1, 2, 4, 5, num_targets=0)])
+    loss_sum, num = model.loss(empty)
+    assert num == 0 and loss_sum.item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_gradient_parity(mode):
+    torch.manual_seed(2)
+    m = new_model(CFG, attention="sdpa").train()
+    batch = pack(SAMPLES)
+    ref_loss, _ = m.loss(batch)
+    ref_grads = torch.autograd.grad(ref_loss, list(m.parameters()))
+    m.set_switches(activation_checkpointing=mode)
+    loss_sum, _ = m.loss(batch)
+    grads = torch.autograd.grad(loss_sum, list(m.parameters()))
+    torch.testing.assert_close(loss_sum, ref_loss)
+    for (name, _), a, b in zip(m.named_parameters(), grads, ref_grads, strict=True):
+        assert_rel_close(a, b, name)
+
+
+def test_selective_checkpointing_recomputes_only_cheap_ops():
+    """Selective = matmuls and attention kept, norms/rotary/relu² recomputed; full = whole layer recomputed."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    m = new_model(CFG, attention="sdpa").train()
+    batch = pack(SAMPLES)
+
+    def counts(mode):
+        m.set_switches(activation_checkpointing=mode)
+        with CountOps() as c:
+            m.loss(batch)[0].backward()
+        return c.counts
+
+    none, selective, full = counts("none"), counts("selective"), counts("full")
+    matmuls = ("mm", "addmm")
+    assert sum(selective[k] for k in matmuls) == sum(none[k] for k in matmuls)  # no matmul recomputed
+    assert selective["native_layer_norm"] > none["native_layer_norm"]  # norms recomputed
+    assert sum(full[k] for k in matmuls) > sum(none[k] for k in matmuls)  # full recomputes the matmuls too
+
+
+def test_generate_batched_equals_one_by_one(model):
+    prompts = [(s[0], s[1]) for s in SAMPLES]
+    batched = model.generate(prompts, max_new_tokens=6, stop_ids=[])
+    singles = [model.generate([p], max_new_tokens=6, stop_ids=[])[0] for p in prompts]
+    assert batched == singles and all(len(r) == 6 for r in batched)
+    stop = batched[0][2]
+    stopped = model.generate(prompts, max_new_tokens=6, stop_ids=[stop])
+    first = batched[0].index(stop)
+    assert stopped[0] == batched[0][: first + 1]
+    for full, cut in zip(batched, stopped, strict=True):
+        assert full[: len(cut)] == cut
+    assert model.generate(prompts, max_new_tokens=0) == [[], [], [], []]
+
+
+def test_flavours_and_config_round_trip():
+    big = flavour_config("fuyu-8b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.head_dim, big.rotary_dim) == (36, 4096, 64, 64, 32)
+    assert 9.3e9 < big.num_params() < 9.5e9
+    m = new_model(CFG)
+    assert sum(p.numel() for p in m.parameters()) == CFG.num_params()
+    assert FuyuModelConfig.from_hf_dict(CFG.to_hf_dict()) == CFG
+    legacy = {"model_type": "fuyu", "rope_theta": 25000.0, "partial_rotary_factor": 0.5, "text_config": {"num_hidden_layers": 3}}
+    assert FuyuModelConfig.from_hf_dict(legacy).num_layers == 3
+    with pytest.raises(ValueError, match="flavour"):
+        flavour_config("fuyu-70b")
+    with pytest.raises(ValueError):
+        CFG.replace(num_heads=5)
+    with pytest.raises(ValueError, match="image_token_id"):
+        CFG.replace(image_token_id=CFG.vocab_size)
+
+
+def test_build_model_from_config(tiny_tokenizer_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+    m = build_model(ModelConfig(flavour="debug", num_layers=1, attention="eager"), tokenizer=tok)
+    assert isinstance(m, FuyuForCausalLM) and len(m.layers) == 1
+    assert m.config.image_token_id == tok.convert_tokens_to_ids("|SPEAKER|") and m.config.vocab_size >= len(tok)
+    with pytest.raises(ValueError, match="not available on cpu"):
+        build_model(ModelConfig(attention="varlen"))
+    bf16 = build_model(ModelConfig(), dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_build_model_loads_path(tmp_path):
+    from otterhd_ray.models.fuyu import save_hf
+
+    torch.manual_seed(3)
+    src = new_model(CFG)
+    save_hf(src, tmp_path)
+    m = build_model(ModelConfig(path=str(tmp_path), num_layers=1))
+    assert len(m.layers) == 1
+    torch.testing.assert_close(m.layers[0].mlp.dense_h_to_4h.weight, src.layers[0].mlp.dense_h_to_4h.weight)

@@ -1,0 +1,175 @@
+"""ops/: every attention backend against the eager reference, fused glue against plain ops, chunked CE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otterhd_ray.ops import attention, fused, loss
+
+torch.manual_seed(0)
+
+
+def packed_qkv(lengths, H=4, K=16, dtype=torch.float32, grad=False):
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, H, K, dtype=dtype, requires_grad=grad) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu, max(lengths)
+
+
+@pytest.mark.parametrize("backend", [b for b in attention.available_backends("cpu") if b != "eager"])
+def test_backends_equal_eager_forward_and_backward(backend):
+    lengths = [5, 1, 12, 7]
+    q, k, v, cu, mx = packed_qkv(lengths, grad=True)
+    ref = attention.packed_attention(q, k, v, cu, mx, "eager")
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    if backend == "flex":  # torch has no flex_attention backward on CPU: compare the forward only
+        out = attention.packed_attention(q.detach(), k.detach(), v.detach(), cu, mx, backend)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+        return
+    out = attention.packed_attention(q, k, v, cu, mx, backend)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_is_causal_within_each_sample_only():
+    q, k, v, cu, mx = packed_qkv([4, 6])
+    out = attention.packed_attention(q, k, v, cu, mx, "eager")
+    # sample 2 alone gives the same result: nothing leaks across the boundary
+    alone = attention.packed_attention(q[4:], k[4:], v[4:], torch.tensor([0, 6], dtype=torch.int32), 6, "eager")
+    torch.testing.assert_close(out[4:], alone)
+    # changing a future token of a sample does not change earlier outputs
+    k2 = k.clone()
+    k2[9] += 1
+    out2 = attention.packed_attention(q, k2, v, cu, mx, "eager")
+    torch.testing.assert_close(out2[:9], out[:9])
+    assert not torch.allclose(out2[9], out[9])
+
+
+def test_resolve_attention_errors_and_auto():
+    assert attention.resolve_attention("auto", "cpu") == "sdpa"
+    for name in ("varlen", "flash"):
+        with pytest.raises(ValueError, match="not available on cpu"):
+            attention.resolve_attention(name, "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.resolve_attention("xformers", "cpu")
+
+
+def test_cached_attention_eager_equals_sdpa():
+    q = torch.randn(2, 4, 1, 8)
+    k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)[:, None]
+    torch.testing.assert_close(
+        attention.cached_attention(q, k, v, mask), attention.cached_attention(q, k, v, mask, eager=True)
+    )
+
+
+# ----------------------------------------------------------------------------------------------- fused
+def test_partial_rotary_matches_transformers():
+    from transformers.models.persimmon.modeling_persimmon import apply_rotary_pos_emb
+
+    T, H, K, R = 7, 2, 16, 8
+    q, k = torch.randn(T, H, K), torch.randn(T, H, K)
+    pos = torch.arange(T)
+    cos, sin = fused.rotary_cos_sin(pos, R, 25_000.0, torch.float32)
+    ref_q, ref_k = apply_rotary_pos_emb(q[..., :R].transpose(0, 1)[None], k[..., :R].transpose(0, 1)[None], cos[None], sin[None])
+    ours_q, ours_k = fused.partial_rotary(q, cos, sin), fused.partial_rotary(k, cos, sin)
+    torch.testing.assert_close(ours_q[..., :R], ref_q[0].transpose(0, 1))
+    torch.testing.assert_close(ours_k[..., :R], ref_k[0].transpose(0, 1))
+    torch.testing.assert_close(ours_q[..., R:], q[..., R:])
+
+
+def test_relu2_and_layer_norm_reference():
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fused.relu2(x), torch.relu(x) ** 2)
+    w, b = torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(fused.layer_norm(x, w, b, 1e-5), torch.nn.LayerNorm(8)(x) * w + b, rtol=1e-5, atol=1e-5)
+
+
+def layer_weights(D=32, H=4, F_=64, grad=True):
+    K = D // H
+
+    def p(*shape, scale=0.1, base=0.0):
+        return (base + scale * torch.randn(*shape)).requires_grad_(grad)
+
+    return fused.LayerWeights(
+        ln1_w=p(D, base=1.0), ln1_b=p(D), qkv_w=p(3 * D, D), qkv_b=p(3 * D), qn_w=p(K, base=1.0), qn_b=p(K),
+        kn_w=p(K, base=1.0), kn_b=p(K), dense_w=p(D, D), dense_b=p(D), ln2_w=p(D, base=1.0), ln2_b=p(D),
+        up_w=p(F_, D), up_b=p(F_), down_w=p(D, F_), down_b=p(D),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_compiled_glue_equals_reference_forward_and_backward():
+    ref_ops = fused.resolve_fused_ops("none", "cpu")
+    comp_ops = fused.resolve_fused_ops("compile", "cpu")
+    w = layer_weights()
+    params = [t for t in vars(w).values() if t is not None]
+    cos, sin = fused.rotary_cos_sin(torch.arange(9), 4, 25_000.0, torch.float32)
+
+    def run(ops, x):
+        q, k, v = ops.attn_in(x, w, cos, sin, 4, 1e-5)
+        o = (q + k * v).sum(0, keepdim=True).expand_as(q) * 0.1  # any function of q, k, v
+        return ops.attn_out(x, o, w, 1e-5)
+
+    x = torch.randn(9, 32, requires_grad=True)
+    ref = run(ref_ops, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *params])
+    out = run(comp_ops, x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *params])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_mode_errors():
+    with pytest.raises(ValueError, match="CUDA"):
+        fused.resolve_fused_ops("liger", "cpu")
+    with pytest.raises(ValueError, match="unknown fused_ops"):
+        fused.resolve_fused_ops("apex", "cpu")
+    assert fused.resolve_fused_ops("auto", "cpu").mode == "none"
+
+
+# ------------------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("chunk", [1, 3, 16, 1000])
+def test_chunked_cross_entropy_equals_reference(chunk):
+    N, D, V = 16, 8, 50
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[[2, 7]] = loss.IGNORE_INDEX
+    ref = loss.reference_cross_entropy(h, w, t)
+    ref_grads = torch.autograd.grad(ref * 0.5, (h, w))
+    out = loss.linear_cross_entropy(h, w, t, chunk_size=chunk)
+    grads = torch.autograd.grad(out * 0.5, (h, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, F.cross_entropy(h @ w.T, t, reduction="sum"))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_cross_entropy_bf16_close_to_fp32_reference():
+    N, D, V = 40, 16, 300
+    h = torch.randn(N, D)
+    w = torch.randn(V, D) * 0.2
+    t = torch.randint(0, V, (N,))
+    ref = loss.reference_cross_entropy(h, w, t)
+    out = loss.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t, chunk_size=7)
+    assert abs(out.item() - ref.item()) < 0.01 * abs(ref.item())
+
+
+def test_chunked_cross_entropy_edge_cases():
+    h, w = torch.randn(0, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    out = loss.linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    out.backward()
+    assert out.item() == 0.0 and w.grad is not None
+    with pytest.raises(ValueError):
+        loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
+    with torch.no_grad():  # no gradient buffers without grad
+        assert loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long)).item() > 0
