@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageOps
@@ -128,7 +129,10 @@ def _muted(rng: random.Random, lo: int = 50, hi: int = 210) -> tuple[int, int, i
 
 def _background(rng: random.Random, width: int, height: int) -> Image.Image:
     # Noise drawn small and upscaled gives a cheap, soft texture over a whole 2000 px frame.
-    noise = Image.effect_noise((max(1, width // 16), max(1, height // 16)), rng.uniform(20, 60))
+    # (Not Image.effect_noise: it draws from C's unseeded rand(), which would break same-seed-same-bytes.)
+    gen = np.random.default_rng(rng.getrandbits(64))
+    small = gen.normal(128, rng.uniform(20, 60), size=(max(1, height // 16), max(1, width // 16)))
+    noise = Image.fromarray(small.clip(0, 255).astype(np.uint8))
     noise = noise.resize((width, height), Image.Resampling.BILINEAR)
     return ImageOps.colorize(noise, _muted(rng, 30, 110), _muted(rng, 140, 235))
 
