@@ -147,8 +147,10 @@ def _predict_stream(cfg: BenchmarkConfig, model: BenchModelSpec, rows: list[dict
     """Yield the predictor's output rows as their batches finish."""
     import ray  # noqa: PLC0415
 
-    num_blocks = max(1, math.ceil(len(rows) / cfg.batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
+    # Ray Data bundles blocks up to batch_size per call: with few items a full batch would leave actors idle,
+    # so shrink the batch until every actor gets one.
+    batch_size = max(1, min(cfg.batch_size, math.ceil(len(rows) / cfg.num_actors)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     ds = ds.map_batches(
         predictor_cls,
         fn_constructor_kwargs={
@@ -161,7 +163,7 @@ def _predict_stream(cfg: BenchmarkConfig, model: BenchModelSpec, rows: list[dict
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=cfg.gpus_per_actor or None,
         num_cpus=cfg.cpus_per_actor,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["id"])):

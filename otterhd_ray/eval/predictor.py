@@ -79,8 +79,7 @@ class Predictor:
         self.stop_ids = sorted(
             {tokens.end, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
         )
-        model = load_hf(model_path)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = load_hf(model_path, dtype=self.dtype, device=self.device).eval()
         torch.set_grad_enabled(False)
 
     def _prepare_image(self, data: bytes) -> Image.Image:
@@ -91,8 +90,9 @@ class Predictor:
     def _encode(self, image: Image.Image, text: str) -> tuple[Any, Any]:
         import torch  # noqa: PLC0415
 
-        input_ids, patches = self.processor.encode_prompt(image, text)
-        return torch.as_tensor(np.asarray(input_ids), dtype=torch.long), torch.as_tensor(np.asarray(patches))
+        # size=None: the processor's own shrink-to-fit 1080x1920, exactly as transformers' FuyuProcessor.
+        sample = self.processor.encode_prompt(image, text)
+        return torch.as_tensor(sample["input_ids"], dtype=torch.long), torch.from_numpy(sample["patches"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(x) for x in batch["id"]]

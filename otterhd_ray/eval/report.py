@@ -37,7 +37,7 @@ def format_report(metrics: dict[str, Any]) -> str:
         )
         lines.append(
             f"- items: {c['rows']} rows, {c['evaluated']} evaluated, {c['failed']} failed "
-            f"(prediction error), skipped {c['skipped']} ({_fmt_reasons(c['skipped_by_reason'])})"
+            f"(prediction error), skipped {c['skipped']} {_fmt_reasons(c['skipped_by_reason'])}"
         )
         lines.append(
             f"- multiple choice: {c['mc_correct']} correct, {c['parsed']} parsed, {c['unparsed']} unparsed "

@@ -97,7 +97,12 @@ class FakeOpenAI:
                 action = fake._next_action()
                 with fake._lock:
                     fake.requests.append(
-                        {"path": self.path, "body": body, "headers": dict(self.headers), "action": action}
+                        {
+                            "path": self.path,
+                            "body": body,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "action": action,
+                        }
                     )
                 if not self.path.endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')

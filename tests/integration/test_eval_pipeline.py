@@ -1,0 +1,264 @@
+"""Evaluation end to end on a local Ray: predictor actor pool -> judge -> files -> report.
+
+- a fake predictor (no model) exercises the pipeline, crash + resume, and the judges;
+- the OpenAI judge talks to a REAL OpenAI-compatible HTTP server on 127.0.0.1 (fake_openai.py) that answers,
+  rate-limits (429 + Retry-After), fails (500/503), stalls past the client timeout and returns malformed bodies;
+  every item ends judged, retries are counted, a rerun is answered from the cache, and the API key appears in
+  no log, output or file;
+- the debug model (random init, saved as an HF dir) runs on CPU actors when the model, processor and synth
+  modules are present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otterhd_ray.eval.config import BenchmarkConfig, JudgeConfig
+from otterhd_ray.eval.judge import JudgeCache, JudgeRequest, OpenAIJudge, judge_all
+from otterhd_ray.eval.pipeline import PREDICTIONS_FILE, run_evaluation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai import FakeOpenAI  # noqa: E402
+
+ray = pytest.importorskip("ray")
+SECRET = "sk-test-SECRET-0123456789abcdef"
+
+
+# ------------------------------------------------------------------------------------------- fakes
+class FakePredictor:
+    """Same constructor and columns as eval.predictor.Predictor; always picks option A (letter and text)."""
+
+    def __init__(self, model_path, resolution=-1, max_new_tokens=8, device="auto", dtype="auto"):
+        self.model_path = model_path
+
+    def _option_a(self, mc_text: str) -> str:
+        return re.search(r"A\. (.+?), B\. ", mc_text).group(1)
+
+    def _fail(self, item_id: str) -> bool:
+        return False
+
+    def __call__(self, batch):
+        ids = [str(x) for x in batch["id"]]
+        for i in ids:
+            if self._fail(i):
+                raise RuntimeError(f"simulated actor failure on {i}")
+        n = len(ids)
+        return {
+            "id": np.asarray(ids, dtype=object),
+            "mc_response": np.asarray(["A"] * n, dtype=object),
+            "ff_response": np.asarray([self._option_a(str(t)) for t in batch["mc_text"]], dtype=object),
+            "num_prompt_tokens": np.full(n, 10),
+            "num_new_tokens": np.full(n, 1),
+            "generate_s": np.zeros(n),
+            "error": np.asarray([""] * n, dtype=object),
+        }
+
+
+class CrashingPredictor(FakePredictor):
+    """Dies on the batch holding the 7th item: the run stops early (an actor crash, an OOM)."""
+
+    def _fail(self, item_id: str) -> bool:
+        return item_id.endswith("0006")
+
+
+# Ray workers cannot import this test module by name: ship these classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    from otterhd_ray.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, num_train=0, num_bench=10, seed=3)
+    return out / "magnifierbench"
+
+
+def _answers(bench_dir: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(next(bench_dir.rglob("*.parquet")), columns=["id", "answer"]).to_pylist()
+    return {r["id"]: r["answer"] for r in rows}
+
+
+def _cfg(bench_dir: Path, out: Path, **kw) -> BenchmarkConfig:
+    raw = {
+        "datasets": [
+            {
+                "name": "magnifierbench",
+                "data_path": str(bench_dir),
+                "prompt": "Answer directly.",
+                "api_key": ["You GPT-4 API"],
+            }
+        ],
+        "models": [{"name": "otterhd", "model_path": "/nonexistent/fake"}],
+        "output_dir": str(out),
+        "num_actors": 2,
+        "cpus_per_actor": 0.5,
+        "batch_size": 2,
+    }
+    raw.update(kw)
+    return BenchmarkConfig.model_validate(raw)
+
+
+def _judge_answer(body: dict) -> str:
+    prompt = body["messages"][-1]["content"]
+    response = re.search(r"Model Response: (.*)\n", prompt).group(1)
+    truth = re.search(r"Ground Truth: (.*)\n", prompt).group(1)
+    return "Yes." if response.strip().lower() == truth.strip().lower() else "no"
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.mark.timeout(120)
+def test_rule_judge_crash_then_resume(local_ray, bench_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    answers = _answers(bench_dir)
+    expected = sum(1 for a in answers.values() if a == "A")
+    cfg = _cfg(bench_dir, tmp_path / "out", num_actors=1)
+
+    first = run_evaluation(cfg, predictor_cls=CrashingPredictor, print_report=False)["runs"][0]
+    assert "simulated actor failure" in first["prediction_error"]
+    done_first = first["counts"]["evaluated"]
+    assert done_first < len(answers) and first["counts"]["failed"] == len(answers) - done_first
+    run_dir = Path(first["results_path"]).parent
+    kept = [json.loads(line) for line in (run_dir / PREDICTIONS_FILE).read_text().splitlines()]
+    assert len(kept) == done_first  # every finished item is on disk
+
+    second = run_evaluation(cfg, predictor_cls=FakePredictor, print_report=False)["runs"][0]
+    c, t = second["counts"], second["timing"]
+    assert t["resumed"] == done_first and t["predicted_this_run"] == len(answers) - done_first
+    assert c["evaluated"] == len(answers) and c["failed"] == 0 and not second["prediction_error"]
+    assert c["mc_correct"] == expected and second["mc_accuracy"] == pytest.approx(expected / len(answers))
+    assert second["judge"]["kind"] == "rule" and c["judged"] == len(answers) and c["ff_correct"] == expected
+    results = [json.loads(line) for line in Path(second["results_path"]).read_text().splitlines()]
+    assert sorted(r["id"] for r in results) == sorted(answers)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "rule" in report and "no API key" in report
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["runs"][0]["counts"]["evaluated"] == len(answers)
+
+
+@pytest.mark.timeout(120)
+def test_openai_judge_through_flaky_server(local_ray, bench_dir, tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    answers = _answers(bench_dir)
+    expected = sum(1 for a in answers.values() if a == "A")
+    failures = ["429:0.2", "500", "stall:3", "malformed", "empty_choices", "503", "429:0"]
+    with FakeOpenAI(_judge_answer) as server:
+        server.script(failures)
+        judge = {
+            "base_url": server.base_url,
+            "timeout": 1.0,
+            "backoff_base": 0.01,
+            "backoff_max": 2.0,
+            "concurrency": 3,
+            "max_retries": 8,
+        }
+        cfg = _cfg(bench_dir, tmp_path / "out", judge=judge)
+        run = run_evaluation(cfg, predictor_cls=FakePredictor)["runs"][0]
+        c, j = run["counts"], run["judge"]
+        assert c["evaluated"] == len(answers) and c["judged"] == len(answers) and c["unjudged"] == 0
+        assert c["ff_correct"] == expected
+        assert j["kind"] == "openai" and j["retries"] == len(failures)
+        assert j["retry_reasons"] == {"429": 2, "500": 1, "503": 1, "timeout": 1, "malformed": 2}
+        assert j["requests"] == len(answers) + len(failures) == len(server.requests)
+        assert j["prompt_tokens"] == 50 * len(answers) and j["estimated_cost_usd"] > 0
+        assert all(
+            r["body"]["temperature"] == 0 and r["body"]["model"] == "gpt-4-0613" for r in server.requests
+        )
+        assert all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in server.requests)
+
+        # A rerun costs nothing: every verdict comes from the disk cache, no request is sent.
+        sent = len(server.requests)
+        again = run_evaluation(cfg, predictor_cls=FakePredictor)["runs"][0]
+        assert again["judge"]["cache_hits"] == len(answers) and len(server.requests) == sent
+        assert again["counts"]["ff_correct"] == expected and again["timing"]["resumed"] == len(answers)
+
+    # The key is in no log record, no printed output and no file written.
+    out, err = capsys.readouterr()
+    assert SECRET not in caplog.text and SECRET not in out and SECRET not in err
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.timeout(60)
+def test_failed_judgment_is_unjudged_and_key_redacted(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(lambda body: "yes") as server:
+        server.script(["401echo", "ok:perhaps"])
+        cfg = JudgeConfig(
+            base_url=server.base_url, timeout=2.0, backoff_base=0.01, concurrency=1, max_retries=3
+        )
+        judge = OpenAIJudge(cfg, SECRET, JudgeCache(tmp_path / "c.jsonl"))
+        requests = [JudgeRequest(str(i), "q?", "r", "t") for i in range(3)]
+
+        async def go():
+            try:
+                return await judge_all(judge, requests)
+            finally:
+                await judge.aclose()
+
+        auth_failed, unclear, fine = asyncio.run(go())
+    assert auth_failed.verdict is None and auth_failed.attempts == 1  # 401: retrying cannot help
+    assert "AuthenticationError" in auth_failed.error and SECRET not in auth_failed.error
+    assert "[REDACTED]" in auth_failed.error
+    assert unclear.verdict is None and unclear.reply == "perhaps"  # neither yes nor no: unjudged, not wrong
+    assert fine.verdict is True
+    assert len(JudgeCache(tmp_path / "c.jsonl")) == 1  # only the definite verdict is cached
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_debug_model_end_to_end(local_ray, bench_dir, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    hf = pytest.importorskip("otterhd_ray.models.fuyu.hf")
+    pytest.importorskip("otterhd_ray.data.processor")
+    from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
+    from otterhd_ray.models.fuyu.model import FuyuForCausalLM
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    import shutil
+
+    import torch
+
+    from otterhd_ray.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model = FuyuForCausalLM(config_for_tokenizer(flavour_config("debug"), tok))
+    hf.save_hf(model, model_dir)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, model_dir / f.name)
+
+    cfg = _cfg(
+        bench_dir,
+        tmp_path / "out",
+        max_new_tokens=4,
+        batch_size=3,
+        models=[{"name": "otterhd", "model_path": str(model_dir), "resolution": 120}],
+    )
+    run = run_evaluation(cfg, print_report=False)["runs"][0]
+    n = len(_answers(bench_dir))
+    assert not run["prediction_error"], run["prediction_error"]
+    assert run["counts"]["evaluated"] == n and run["counts"]["failed"] == 0
+    assert run["counts"]["judged"] == n and run["mc_accuracy"] is not None
+    results = [json.loads(line) for line in Path(run["results_path"]).read_text().splitlines()]
+    assert all(r["num_prompt_tokens"] > 0 and 0 < r["num_new_tokens"] <= 2 * 4 for r in results)
+    assert run["timing"]["items_per_s"] > 0
