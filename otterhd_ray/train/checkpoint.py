@@ -3,7 +3,8 @@
 Layout of one checkpoint directory (every rank writes its own files into a local temp dir; Ray Train merges
 the ranks' directories into one in `storage_path` when they all call `ray.train.report`, Train V2 semantics):
 
-    finetune_config.json          the FinetuneConfig that trained it (export rebuilds the model from it)
+    finetune_config.json          the FinetuneConfig that trained it
+    model_config.json             the model shape as HF config keys (export rebuilds the model from it)
     train_state.json              step / epoch / data position / counters (rank 0; identical on every rank)
     rng_rank{r}.pt                python, numpy, torch (and CUDA) RNG states of rank r
     tokenizer/                    copy of the tokenizer directory (rank 0), so export needs nothing else
@@ -101,8 +102,11 @@ def save_training_checkpoint(
     rank: int,
     config_json: str,
     tokenizer_dir: str | Path | None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
-    """Write this rank's part of a checkpoint into `directory` (all ranks call it; it does not report)."""
+    """Write this rank's part of a checkpoint into `directory` (all ranks call it; it does not report).
+
+    `extra_files`: small text files rank 0 adds (the model shape for export)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save(directory)
@@ -111,6 +115,8 @@ def save_training_checkpoint(
         (directory / STATE_FILE).write_text(state.to_json())
         (directory / CONFIG_FILE).write_text(config_json)
         _copy_tokenizer(tokenizer_dir, directory / TOKENIZER_DIR)
+        for name, text in (extra_files or {}).items():
+            (directory / name).write_text(text)
     (directory / complete_marker(rank)).write_text("ok\n")
 
 

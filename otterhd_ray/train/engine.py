@@ -196,6 +196,10 @@ class DeepSpeedEngine(Engine):
             config=self.ds_config,
             dist_init_required=not torch.distributed.is_initialized(),
         )
+        if cfg.deepspeed.stage == 3 and isinstance(getattr(model, "lm_head", None), nn.Linear):
+            # The chunked loss multiplies by lm_head.weight outside lm_head's own forward, where ZeRO-3 would
+            # see only this rank's empty partition: make the wrapper's forward gather it.
+            deepspeed.zero.register_external_parameter(self._engine.module, model.lm_head.weight)
         self._num_updates = 0
 
     @property

@@ -1,0 +1,399 @@
+"""`train_loop_per_worker`: the training loop, written against a small context + engine + data-source interface.
+
+The same function runs inside a Ray Train worker (`RayContext`: ranks, `ray.train.report`, `get_checkpoint`) and
+in plain pytest (`LocalContext`: one process, checkpoints in a local directory), so the loop's logic is tested
+without a cluster.
+
+One optimizer step = up to `gradient_accumulation_steps` packed micro-batches per rank. The step's loss is
+`sum of token CE over every rank and micro-batch / supervised tokens of the whole step` (docs/internals.md): each
+rank sums its micro-batches' target counts on the host, one all-reduce of that count per step (a collective, not
+a host sync), and every micro-batch's backward uses `loss_sum * world_size / step_tokens` — the data-parallel
+gradient mean divides by `world_size` again. The last step of an epoch may have fewer micro-batches (no data is
+dropped; the seed's "epoch" stopped half-way).
+
+Host syncs: none per step. The window accumulators (`metrics.py`) are read every `log_every_steps`; the only
+other reads are ints the packer computed on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from otterhd_ray.config import FinetuneConfig
+from otterhd_ray.train.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+from otterhd_ray.train.engine import Engine, batch_to_device, build_engine
+from otterhd_ray.train.metrics import MetricsSink, WindowAccumulator, flops_per_token, peak_flops
+
+logger = logging.getLogger("otterhd_ray.train")
+
+
+# ------------------------------------------------------------------------------------------- interfaces
+class DataSource(Protocol):
+    """Per-rank packed micro-batches. Every rank must get the same count per epoch (collectives hang else)."""
+
+    def num_micro_batches(self, epoch: int) -> int: ...
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Micro-batches of `epoch` from position `start` on (a resumed run skips the consumed ones)."""
+        ...
+
+
+class TrainContext(Protocol):
+    rank: int
+    local_rank: int
+    world_size: int
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+
+class RayContext:
+    """Ray Train V2: ranks from the train context, reports and checkpoints through `ray.train`."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        with contextlib.suppress(Exception):  # the pipeline's per-epoch Ray Data progress bars flood job logs
+            import ray.data
+
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        self.rank = ctx.get_world_rank()
+        self.local_rank = ctx.get_local_rank()
+        self.world_size = ctx.get_world_size()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+
+class LocalContext:
+    """Single process, no Ray: checkpoints are copied to `root/checkpoint_<step>`; reports kept in a list."""
+
+    def __init__(self, root: str | Path, resume_from: str | Path | None = None) -> None:
+        self.rank, self.local_rank, self.world_size = 0, 0, 1
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+        self._resume_from = Path(resume_from) if resume_from else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            dst = self.root / f"checkpoint_{int(metrics['step']):06d}"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, dst)
+            self.checkpoints.append(dst)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield str(self._resume_from) if self._resume_from else None
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
+    if cfg.ray.use_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("ray.use_gpu is true but this worker sees no CUDA device")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    """The Fuyu model of `cfg.model` on `device`, in bf16 when training in bf16 (fp32 masters live in ZeRO)."""
+    from otterhd_ray.models.fuyu.model import build_model
+    from otterhd_ray.train.deepspeed import resolve_precision
+
+    tokenizer = None
+    if cfg.data.tokenizer_path:
+        from otterhd_ray.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    precision = resolve_precision(cfg.train.precision, device.type == "cuda")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+class PipelineSource:
+    """`DataSource` over `otterhd_ray.data.pipeline`: one epoch schedule computed per epoch and reused."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int, world_size: int) -> None:
+        if not cfg.data.tokenizer_path:
+            raise ValueError("set data.tokenizer_path (or model.path): the pipeline tokenizes with it")
+        if not cfg.data.datasets:
+            raise ValueError("data.datasets is empty: nothing to train on")
+        self.cfg, self.rank, self.world_size = cfg.data, rank, world_size
+        self.tokenizer_dir = cfg.data.tokenizer_path
+        self._schedules: dict[int, Any] = {}
+
+    def _schedule(self, epoch: int) -> Any:
+        from otterhd_ray.data.pipeline import schedule_epoch
+
+        if epoch not in self._schedules:
+            self._schedules = {epoch: schedule_epoch(self.cfg, self.tokenizer_dir, epoch, self.world_size)}
+        return self._schedules[epoch]
+
+    def num_micro_batches(self, epoch: int) -> int:
+        from otterhd_ray.data.pipeline import epoch_num_micro_batches
+
+        if epoch in self._schedules:
+            return int(self._schedules[epoch].per_rank)
+        return int(epoch_num_micro_batches(self.cfg, self.tokenizer_dir, self.world_size, epoch))
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        from otterhd_ray.data.pipeline import build_train_iterator
+
+        it = build_train_iterator(
+            self.cfg, self.tokenizer_dir, self.rank, self.world_size, epoch, start_position=start,
+            schedule=self._schedule(epoch),
+        )
+        return iter(it)
+
+
+def build_data_source(cfg: FinetuneConfig, rank: int, world_size: int) -> DataSource:
+    """The data pipeline's per-rank source (`otterhd_ray.data.pipeline`)."""
+    return PipelineSource(cfg, rank, world_size)
+
+
+def plan_steps(cfg: FinetuneConfig, data: DataSource) -> list[int]:
+    """Optimizer steps of each epoch: ceil(micro-batches / accumulation), so no micro-batch is dropped."""
+    gas = cfg.train.gradient_accumulation_steps
+    steps = []
+    for epoch in range(cfg.train.epochs):
+        n = data.num_micro_batches(epoch)
+        if n <= 0:
+            raise ValueError(f"epoch {epoch} has no micro-batches: no usable data for {cfg.ray.num_workers} workers")
+        steps.append(math.ceil(n / gas))
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------- loop
+class _Faults:
+    """Fault injection for the restart test: SIGKILL this worker once at a given step (marker file = once)."""
+
+    def __init__(self, config_dict: dict[str, Any], rank: int) -> None:
+        self.step = config_dict.get("fail_at_step")
+        self.rank = config_dict.get("fail_rank", 0)
+        self.marker = config_dict.get("fail_marker")
+        self.active = self.step is not None and rank == self.rank and self.marker is not None
+
+    def maybe_die(self, step: int) -> None:
+        if self.active and step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None = None) -> dict[str, Any]:
+    """Entry point of each training worker. `config_dict["config"]` is a `FinetuneConfig` dump.
+
+    Optional keys (tests): `model_factory(cfg, device)`, `data_source_factory(cfg, rank, world_size)`,
+    `fail_at_step` / `fail_rank` / `fail_marker` (kill a worker once). Returns the last logged metrics.
+    """
+    cfg = FinetuneConfig.model_validate(config_dict["config"])
+    ctx = ctx or RayContext()
+    rank, world = ctx.rank, ctx.world_size
+    _seed_everything(cfg.train.seed + rank)
+    device = _device(cfg, ctx.local_rank)
+
+    model_factory: Callable[..., torch.nn.Module] = config_dict.get("model_factory") or build_model_for
+    data_factory: Callable[..., DataSource] = config_dict.get("data_source_factory") or build_data_source
+    model = model_factory(cfg, device)
+    data = data_factory(cfg, rank, world)
+    steps_per_epoch = plan_steps(cfg, data)
+    total_steps = sum(steps_per_epoch)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    engine = build_engine(model, cfg, total_steps, device, world)
+
+    state = TrainState(total_steps=total_steps, world_size=world)
+    with ctx.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = load_training_checkpoint(ckpt_dir, engine, rank, world)
+            logger.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)",
+                        rank, ckpt_dir, state.global_step, state.epoch, state.micro_batch)
+    if state.total_steps != total_steps:
+        raise ValueError(
+            f"the checkpoint's run had {state.total_steps} optimizer steps, this config gives {total_steps}: "
+            "resume with the same data, epochs, accumulation and workers"
+        )
+    return _run(cfg, config_dict, ctx, engine, data, steps_per_epoch, state, device)
+
+
+def _run(
+    cfg: FinetuneConfig,
+    config_dict: dict[str, Any],
+    ctx: TrainContext,
+    engine: Engine,
+    data: DataSource,
+    steps_per_epoch: list[int],
+    state: TrainState,
+    device: torch.device,
+) -> dict[str, Any]:
+    rank, world, gas = ctx.rank, ctx.world_size, cfg.train.gradient_accumulation_steps
+    total = state.total_steps
+    run_id = config_dict.get("run_id") or cfg.ray.name
+    sink = MetricsSink(cfg, rank, run_id, Path(cfg.train.output_dir) / "metrics.jsonl")
+    window = WindowAccumulator(device)
+    faults = _Faults(config_dict, rank)
+    ledger = _SampleLedger(cfg, rank)
+    config_json = cfg.model_dump_json(indent=2)
+    extra_files = {}
+    if hasattr(getattr(engine.model, "config", None), "to_hf_dict"):
+        from otterhd_ray.export import MODEL_CONFIG_FILE
+
+        extra_files[MODEL_CONFIG_FILE] = json.dumps(engine.model.config.to_hf_dict(), indent=2)
+    flops_tok, peak = flops_per_token(engine.model, 1.0), peak_flops(device)
+    resumed_from = state.global_step
+    last: dict[str, Any] = {}
+
+    def checkpoint_and_report(metrics: dict[str, Any]) -> None:
+        tmp = tempfile.mkdtemp(prefix=f"otterhd_ckpt_r{rank}_")
+        try:
+            save_training_checkpoint(
+                tmp, engine, state, rank, config_json, cfg.data.tokenizer_path, extra_files
+            )
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank's files are written before any report
+            ctx.report(metrics, checkpoint_dir=tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    every = cfg.train.checkpoint_every_steps
+    while state.global_step < total:
+        epoch = state.epoch
+        num_micro = data.num_micro_batches(epoch)
+        batches = data.iter_epoch(epoch, start=state.micro_batch)
+        while state.epoch == epoch and state.global_step < total:
+            k = min(gas, num_micro - state.micro_batch)
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(k)]
+            window.data_wait_s += time.perf_counter() - t0
+            _train_step(engine, micro, window, world, device)
+            ledger.write(state, micro)
+            state.global_step += 1
+            state.micro_batch += k
+            if state.micro_batch >= num_micro:  # a checkpoint taken now must resume at the next epoch
+                state.epoch, state.micro_batch = epoch + 1, 0
+            faults.maybe_die(state.global_step)
+
+            want_ckpt = state.global_step >= total or (every and state.global_step % every == 0)
+            if want_ckpt or state.global_step % cfg.train.log_every_steps == 0:
+                last = _window_metrics(window, engine, state, world, flops_tok, peak, resumed_from, epoch)
+                sink.log(last, total)
+                if want_ckpt:
+                    checkpoint_and_report(last)
+                else:
+                    ctx.report(last)
+    ledger.close()
+    sink.close()
+    return last
+
+
+def _train_step(
+    engine: Engine, micro: list[dict[str, Any]], window: WindowAccumulator, world: int, device: torch.device
+) -> None:
+    local_tokens = sum(int(mb["num_target_tokens"]) for mb in micro)
+    step_tokens = torch.tensor(float(local_tokens), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(step_tokens)
+    scale = world / step_tokens.clamp_min(1.0)
+    for i, mb in enumerate(micro):
+        cu = mb["cu_seqlens"]
+        lengths = (cu[1:] - cu[:-1]).to(torch.float64)  # host tensor: computed before the device copy
+        host = {
+            "target_tokens": float(mb["num_target_tokens"]),
+            "tokens": float(mb["input_ids"].shape[0]),
+            "samples": float(mb["sample_index"].shape[0]),
+            "seq_sq": float((lengths * lengths).sum()),
+        }
+        loss_sum, _ = engine.forward(batch_to_device(mb, device))
+        engine.backward(loss_sum * scale.to(loss_sum.dtype), is_boundary=i == len(micro) - 1)
+        window.add_micro(loss_sum, host)
+    window.add_step(engine.step())
+
+
+def _window_metrics(
+    window: WindowAccumulator, engine: Engine, state: TrainState, world: int, flops_tok: float,
+    peak: float | None, resumed_from: int, epoch: int,
+) -> dict[str, Any]:
+    m = window.read(world)
+    # Global counts (all ranks, fillers' tokens included); every rank reads the same all-reduced window.
+    state.samples_seen += int(m["samples"])
+    state.tokens_seen += int(m["tokens"])
+    # flops_tok was computed for seq len 1; add the attention term for this window's mean sample length.
+    cfg = getattr(engine.model, "config", None)
+    attn = 6.0 * getattr(cfg, "num_layers", 0) * getattr(cfg, "hidden_size", 0) * (m["mean_seq_sq"] - 1.0)
+    mfu = (m["tokens_per_s_per_worker"] * (flops_tok + max(attn, 0.0)) / peak) if peak else None
+    return {
+        **{k: v for k, v in m.items() if k != "mean_seq_sq"},
+        "mfu": mfu,
+        "step": state.global_step,
+        "epoch": epoch,
+        "lr": engine.lr,
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "resumed_from_step": resumed_from,
+    }
+
+
+class _SampleLedger:
+    """`train.log_samples`: one JSON line per optimizer step with the samples this rank trained on."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int) -> None:
+        self._file = None
+        if cfg.train.log_samples:
+            path = Path(cfg.train.output_dir) / "samples" / f"rank{rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a")
+        self.rank = rank
+
+    def write(self, state: TrainState, micro: list[dict[str, Any]]) -> None:
+        if self._file is None:
+            return
+        # called before the step's counters advance: `step` is 0-based here, `epoch` the step's own epoch
+        indices = [int(i) for mb in micro for i in mb["sample_index"].tolist()]
+        record = {"step": state.global_step, "epoch": state.epoch, "rank": self.rank, "sample_index": indices}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
