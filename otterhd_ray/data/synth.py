@@ -478,6 +478,88 @@ def bad_row(seed: int, index: int) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------ MIMIC-IT export
+def _pandas_index_metadata(index: str, columns: list[str]) -> bytes:
+    """The `pandas` schema metadata `DataFrame.to_parquet` writes for string columns indexed by `index`."""
+
+    def entry(name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "field_name": name,
+            "pandas_type": "unicode",
+            "numpy_type": "object",
+            "metadata": None,
+        }
+
+    meta = {
+        "index_columns": [index],
+        "column_indexes": [
+            {
+                "name": None,
+                "field_name": None,
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": None,
+            }
+        ],
+        "columns": [entry(c) for c in columns] + [entry(index)],
+        "attributes": {},
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.2.0",
+    }
+    return json.dumps(meta).encode()
+
+
+def write_mimicit(
+    out_dir: str | Path, num_samples: int = 8, seed: int = 7, name: str = "SYN", rows_per_group: int = 64
+) -> dict[str, str]:
+    """Write a small dataset in the MIMIC-IT/Otter format (the converter's input), from synthetic scenes.
+
+    `{name}_instructions.json` (`meta` + `data` with `rel_ins_ids`: every 4th instruction names the next one),
+    `{name}.parquet` (urlsafe `base64` column, indexed by `image_id` the way pandas stores an index) and
+    `{name}_train.json` (Otter's train config: id -> related ids). Returns the three paths.
+    """
+    import base64
+
+    if num_samples <= 0:
+        raise ValueError("num_samples must be positive")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, dict[str, Any]] = {}
+    image_ids, encoded = [], []
+    for i in range(num_samples):
+        rng = random.Random(f"otterhd-synth-mimicit-{seed}-{i}")
+        scene = draw_scene(rng, rng.choice(("colour", "shape", "position")), long_min=400, long_max=1024)
+        question, answer = _question(rng, scene, scene.kind)
+        ins_id, img_id = f"{name}_INS_{seed}_{i:05d}", f"{name}_IMG_{seed}_{i:05d}"
+        related = [f"{name}_INS_{seed}_{i + 1:05d}"] if i % 4 == 0 and i + 1 < num_samples else []
+        data[ins_id] = {
+            "instruction": question,
+            "answer": answer,
+            "image_ids": [img_id],
+            "rel_ins_ids": related,
+        }
+        image_ids.append(img_id)
+        encoded.append(base64.urlsafe_b64encode(encode(scene.image, "jpeg")).decode())
+    paths = {
+        "instructions": str(out / f"{name}_instructions.json"),
+        "images": str(out / f"{name}.parquet"),
+        "train_config": str(out / f"{name}_train.json"),
+    }
+    meta = {"version": "0.0.1", "time": "synthetic", "author": "otterhd_ray.data.synth"}
+    Path(paths["instructions"]).write_text(json.dumps({"meta": meta, "data": data}, indent=1))
+    Path(paths["train_config"]).write_text(
+        json.dumps({k: v["rel_ins_ids"] for k, v in data.items()}, indent=1)
+    )
+    schema = pa.schema(
+        [("base64", pa.large_string()), ("image_id", pa.large_string())],
+        metadata={"pandas": _pandas_index_metadata("image_id", ["base64"])},
+    )
+    table = pa.table({"base64": encoded, "image_id": image_ids}, schema=schema)
+    pq.write_table(table, paths["images"], row_group_size=rows_per_group)
+    return paths
+
+
 # ------------------------------------------------------------------------------------------- driver
 def _write_bench(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,17 +23,24 @@ from otterhd_ray.data.shards import (
     iter_shard_rows,
     list_shard_files,
 )
+from otterhd_ray.data.synth import write_mimicit
 
-FIXTURES = Path("/work/shared/fixtures/mimicit")
-if not FIXTURES.is_dir():  # the repo copy of the fixtures is the fallback outside this workspace
-    FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mimicit"
+SHARED = Path("/work/shared/fixtures/mimicit")
 pytestmark = pytest.mark.timeout(60)
 
 
-def fixture_paths():
-    if not (FIXTURES / "SYN.parquet").exists():
-        pytest.skip(f"MIMIC-IT fixtures not found at {FIXTURES}")
-    return FIXTURES / "SYN_instructions.json", FIXTURES / "SYN.parquet", FIXTURES / "SYN_train.json"
+@pytest.fixture(params=["shared", "generated"])
+def mimicit(request, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(instructions, images, train config): the shared fixture files, and the same format written by synth
+    (so the converter is tested from a clean clone too)."""
+    if request.param == "shared":
+        if not (SHARED / "SYN.parquet").exists():
+            pytest.skip(f"shared MIMIC-IT fixtures not found at {SHARED}")
+        return SHARED / "SYN_instructions.json", SHARED / "SYN.parquet", SHARED / "SYN_train.json"
+    paths = write_mimicit(
+        tmp_path_factory.mktemp("mimicit"), num_samples=8, seed=7, name="SYN", rows_per_group=3
+    )
+    return Path(paths["instructions"]), Path(paths["images"]), Path(paths["train_config"])
 
 
 def rejects_of(out: Path) -> list[dict]:
@@ -56,8 +63,8 @@ def ins(text="What is it?", answer="A thing.", images=("img-0",), related=()) ->
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-def test_fixture_converts_every_sample(tmp_path):
-    instructions, images, _ = fixture_paths()
+def test_fixture_converts_every_sample(tmp_path, mimicit):
+    instructions, images, _ = mimicit
     stats = convert_mimicit(instructions, images, tmp_path)
     data = json.loads(instructions.read_text())["data"]
     assert (stats.num_samples, stats.num_rejected, stats.num_files, stats.num_turns) == (8, 0, 1, 8)
@@ -79,8 +86,11 @@ def test_fixture_converts_every_sample(tmp_path):
 
 
 @pytest.mark.parametrize("use_train_config", [False, True])
-def test_fixture_group_related_builds_multi_turn(tmp_path, use_train_config):
-    instructions, images, train_config = fixture_paths()
+def test_fixture_group_related_builds_multi_turn(tmp_path, mimicit, use_train_config):
+    instructions, images, train_config = mimicit
+    data = json.loads(instructions.read_text())["data"]
+    links = {k: v["rel_ins_ids"] for k, v in data.items() if v["rel_ins_ids"]}
+    assert links, "the fixture must have related instructions"
     stats = convert_mimicit(
         instructions,
         images,
@@ -90,35 +100,38 @@ def test_fixture_group_related_builds_multi_turn(tmp_path, use_train_config):
         train_config=train_config if use_train_config else None,
     )
     rows = {r["id"]: r for r in iter_shard_rows(tmp_path)}
-    assert stats.num_samples == 7 and stats.num_turns == 8 and stats.num_instructions == 8
-    assert "SYN_INS_7_00001" not in rows  # folded into 00000, not emitted again
-    first = rows["SYN_INS_7_00000"]
-    assert [t["role"] for t in first["conversations"]] == ["user", "assistant"] * 2
-    assert first["conversations"][3]["text"] == "The circle is green."
-    assert first["image_id"] == "SYN_IMG_7_00000"  # the seed's image only
+    folded = {r for rel in links.values() for r in rel}
+    assert set(rows) == set(data) - folded  # related ones are not emitted again
+    assert stats.num_samples == len(data) - len(folded) and stats.num_turns == len(data)
+    for head, related in links.items():
+        turns = rows[head]["conversations"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (1 + len(related))
+        assert [t["text"] for t in turns[2:]] == [
+            x for r in related for x in (data[r]["instruction"], data[r]["answer"])
+        ]
+        assert rows[head]["image_id"] == data[head]["image_ids"][0]  # the seed's image only
     assert {r["source"] for r in rows.values()} == {"syn"}
 
 
-def test_train_config_restricts_and_orders(tmp_path):
-    instructions, images, _ = fixture_paths()
+def test_train_config_restricts_and_orders(tmp_path, mimicit):
+    instructions, images, _ = mimicit
+    data = json.loads(instructions.read_text())["data"]
+    second, third = "SYN_INS_7_00002", "SYN_INS_7_00003"
     config = tmp_path / "train.json"
     # 00003 first, naming 00002 as related; 00002 must then not appear on its own; an unknown id is rejected.
-    config.write_text(json.dumps({"SYN_INS_7_00003": ["SYN_INS_7_00002"], "SYN_INS_7_00002": [], "NOPE": []}))
+    config.write_text(json.dumps({third: [second], second: [], "NOPE": []}))
     stats = convert_mimicit(instructions, images, tmp_path / "out", group_related=True, train_config=config)
     rows = list(iter_shard_rows(tmp_path / "out"))
-    assert [r["id"] for r in rows] == ["SYN_INS_7_00003"]
+    assert [r["id"] for r in rows] == [third]
     assert [t["text"] for t in rows[0]["conversations"][1::2]] == [
-        "The square is red.",
-        "The square is blue.",
+        data[third]["answer"],
+        data[second]["answer"],
     ]
     assert stats.reasons == {"unknown_instruction": 1}
     assert rejects_of(tmp_path / "out") == [{"id": "NOPE", "source": "SYN", "reason": "unknown_instruction"}]
     # Without grouping the same config gives two single-turn samples, rel ids ignored.
     stats = convert_mimicit(instructions, images, tmp_path / "flat", train_config=config)
-    assert sorted(r["id"] for r in iter_shard_rows(tmp_path / "flat")) == [
-        "SYN_INS_7_00002",
-        "SYN_INS_7_00003",
-    ]
+    assert sorted(r["id"] for r in iter_shard_rows(tmp_path / "flat")) == [second, third]
 
 
 # ---------------------------------------------------------------------------------------- bad cases
@@ -246,8 +259,8 @@ def test_user_mistakes_are_clear_errors(tmp_path):
         convert_mimicit(tmp_path / "missing.json", tmp_path / "noid.parquet", tmp_path / "o5")
 
 
-def test_existing_output_is_not_silently_mixed(tmp_path):
-    instructions, images, _ = fixture_paths()
+def test_existing_output_is_not_silently_mixed(tmp_path, mimicit):
+    instructions, images, _ = mimicit
     convert_mimicit(instructions, images, tmp_path)
     with pytest.raises(ValueError, match="already holds"):
         convert_mimicit(instructions, images, tmp_path)

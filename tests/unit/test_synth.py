@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import re
@@ -273,3 +274,19 @@ def test_bomb_header_claims_a_huge_image():
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(synth._bomb_png()))
     assert math.prod((100_000, 100_000)) > 2 * Image.MAX_IMAGE_PIXELS
+
+
+def test_write_mimicit_matches_the_otter_format(tmp_path):
+    pd = pytest.importorskip("pandas")
+    paths = synth.write_mimicit(tmp_path, num_samples=6, seed=2, name="T", rows_per_group=4)
+    doc = json.loads(Path(paths["instructions"]).read_text())
+    assert set(doc) == {"meta", "data"} and len(doc["data"]) == 6
+    for entry in doc["data"].values():
+        assert set(entry) == {"instruction", "answer", "image_ids", "rel_ins_ids"}
+    assert doc["data"]["T_INS_2_00000"]["rel_ins_ids"] == ["T_INS_2_00001"]
+    frame = pd.read_parquet(paths["images"])  # pandas restores the image-id index from the metadata
+    assert list(frame.index) == [f"T_IMG_2_{i:05d}" for i in range(6)] and list(frame.columns) == ["base64"]
+    assert pq.ParquetFile(paths["images"]).num_row_groups == 2
+    assert json.loads(Path(paths["train_config"]).read_text()) == {
+        k: v["rel_ins_ids"] for k, v in doc["data"].items()
+    }
