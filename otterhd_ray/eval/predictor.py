@@ -63,24 +63,42 @@ class Predictor:
         device: str = "auto",
         dtype: str = "auto",
     ) -> None:
-        import torch  # noqa: PLC0415
-
-        from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
-        from otterhd_ray.data.tokenizer import fuyu_tokens, load_tokenizer  # noqa: PLC0415
+        from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: PLC0415
         from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
 
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        device = pick_device(device)
+        model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
+        self._setup(model, load_tokenizer(model_path), resolution, max_new_tokens, stop_ids=None)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        resolution: int = -1,
+        max_new_tokens: int = 64,
+        stop_ids: list[int] | None = None,
+    ) -> Predictor:
+        """An in-memory model (benchmarks, tests); `stop_ids=[]` forces exactly `max_new_tokens` per answer."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, resolution, max_new_tokens, stop_ids)
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, resolution: int, max_new_tokens: int, stop_ids: Any) -> None:
+        from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
+        from otterhd_ray.data.tokenizer import fuyu_tokens  # noqa: PLC0415
+
         self.resolution = resolution
         self.max_new_tokens = max_new_tokens
-        self.tokenizer = load_tokenizer(model_path)
-        self.processor = FuyuProcessor(self.tokenizer)
-        tokens = fuyu_tokens(self.tokenizer)
-        self.stop_ids = sorted(
-            {tokens.end, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
-        )
-        self.model = load_hf(model_path, dtype=self.dtype, device=self.device).eval()
-        torch.set_grad_enabled(False)
+        self.tokenizer = tokenizer
+        self.processor = FuyuProcessor(tokenizer)
+        if stop_ids is None:
+            # The answer ends at |ENDOFTEXT| (what training appends) or the tokenizer's eos.
+            stop_ids = [fuyu_tokens(tokenizer).end]
+            if tokenizer.eos_token_id is not None:
+                stop_ids.append(int(tokenizer.eos_token_id))
+        self.stop_ids = sorted(set(stop_ids))
+        self.model = model.eval()
 
     def _prepare_image(self, data: bytes) -> Image.Image:
         from otterhd_ray.data.images import decode_image  # noqa: PLC0415
@@ -115,8 +133,11 @@ class Predictor:
                 prompts.append(prompt)
                 owners.append((i, kind))
                 num_prompt[i] += int(prompt[0].numel())
+        import torch  # noqa: PLC0415
+
         start = time.perf_counter()
-        generated = self.model.generate(prompts, self.max_new_tokens, self.stop_ids) if prompts else []
+        with torch.inference_mode():
+            generated = self.model.generate(prompts, self.max_new_tokens, self.stop_ids) if prompts else []
         seconds = time.perf_counter() - start
         for (i, kind), new_ids in zip(owners, generated, strict=True):
             new_ids = [t for t in new_ids if t not in self.stop_ids]
