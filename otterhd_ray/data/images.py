@@ -68,9 +68,41 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _orientation(image: Image.Image) -> int:
+    """EXIF orientation of an opened image. For PNG, Pillow's `getexif()` decodes the whole image first (an
+    eXIf chunk may follow the pixel data), so call this on PNGs only after `load()`, or use `_header_orientation`."""
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
     except Exception:  # a corrupt EXIF block: transformers' exif_transpose would fail too; treat as upright
+        return 1
+
+
+def _png_exif_chunk(data: bytes) -> bytes | None:
+    """The eXIf chunk of a PNG, found by walking chunk headers (no decompression)."""
+    view = memoryview(data)
+    pos = 8  # after the signature
+    while pos + 8 <= len(view):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        if kind == b"eXIf":
+            return bytes(view[pos + 8 : pos + 8 + length])
+        if kind == b"IEND":
+            break
+        pos += 12 + length  # length, type, data, crc
+    return None
+
+
+def _header_orientation(image: Image.Image, data: bytes) -> int:
+    """EXIF orientation without decoding pixels (JPEG, WebP, TIFF keep EXIF in their headers; PNG is scanned)."""
+    if image.format != "PNG":
+        return _orientation(image)
+    chunk = image.info.get("exif") or _png_exif_chunk(data)
+    if not chunk:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(chunk)
+        return int(exif.get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:
         return 1
 
 
@@ -81,7 +113,7 @@ def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
     """
     image = _open(data, max_pixels)
     width, height = image.size
-    if _orientation(image) in _TRANSPOSED_ORIENTATIONS:
+    if _header_orientation(image, data) in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return height, width
 
@@ -101,10 +133,9 @@ def decode_image(
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     image = _open(data, max_pixels)
-    orientation = _orientation(image)
     if draft_target is not None and image.format in ("JPEG", "MPO"):
         target_h, target_w = draft_target
-        if orientation in _TRANSPOSED_ORIENTATIONS:
+        if _header_orientation(image, data) in _TRANSPOSED_ORIENTATIONS:
             target_h, target_w = target_w, target_h
         # draft() picks the largest DCT reduction whose output is still >= the requested size.
         image.draft("RGB", (DRAFT_MARGIN * target_w, DRAFT_MARGIN * target_h))
@@ -116,6 +147,7 @@ def decode_image(
         message = f"{type(err).__name__}: {err}"
         truncated = isinstance(err, EOFError) or "truncat" in str(err).lower()
         raise BadSample("truncated_image" if truncated else "undecodable_image", message) from None
+    orientation = _orientation(image)  # after load(): exactly the EXIF transformers' exif_transpose reads
     try:
         with warnings.catch_warnings():
             # Pillow warns that palette images with transparency bytes "should be converted to RGBA"; we

@@ -214,3 +214,32 @@ def test_draft_is_a_no_op_for_png_and_small_jpegs():
     np.testing.assert_array_equal(
         np.asarray(decode_image(jpeg, MAX_PIXELS, draft_target=(200, 266))), _reference(jpeg)
     )
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+@pytest.mark.parametrize("where", ["pillow", "after_idat"])
+def test_png_exif_orientation_read_without_decoding(where):
+    image = Image.fromarray(_smooth_rgb(40, 70))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if where == "pillow":
+        data = _encode(image, "PNG", exif=exif.tobytes())
+    else:  # an eXIf chunk after the pixel data: only found by walking the chunks (or decoding everything)
+        plain = _encode(image, "PNG")
+        iend = plain.rindex(b"IEND") - 4
+        data = plain[:iend] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + plain[iend:]  # chunk holds TIFF data
+    reference = _reference(data)
+    assert reference.shape[:2] == (70, 40)
+    assert image_size(data, MAX_PIXELS) == (70, 40)
+    np.testing.assert_array_equal(np.asarray(decode_image(data, MAX_PIXELS)), reference)
+
+
+def test_image_size_reads_only_the_header():
+    data = _encode(Image.fromarray(_smooth_rgb(200, 300)), "PNG")
+    truncated = data[: len(data) // 2]  # decoding would fail; the header is intact
+    assert image_size(truncated, MAX_PIXELS) == (200, 300)
+    jpeg = _with_exif(Image.fromarray(_smooth_rgb(200, 300)), 8)
+    assert image_size(jpeg[: len(jpeg) // 2], MAX_PIXELS) == (300, 200)
