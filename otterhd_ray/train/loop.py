@@ -210,6 +210,7 @@ class _Faults:
     """Fault injection for the restart test: SIGKILL this worker once at a given step (marker file = once)."""
 
     def __init__(self, config_dict: dict[str, Any], rank: int) -> None:
+        self.stop_step = config_dict.get("stop_after_step")
         self.step = config_dict.get("fail_at_step")
         self.rank = config_dict.get("fail_rank", 0)
         self.marker = config_dict.get("fail_marker")
@@ -220,12 +221,22 @@ class _Faults:
             Path(self.marker).write_text(f"killed at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def maybe_stop(self, step: int) -> None:
+        """`stop_after_step`: crash (an exception) right after step `step` was reported, as a killed job would."""
+        if self.stop_step is not None and step == self.stop_step:
+            raise InjectedStop(f"stopped after step {step} (test fault injection)")
+
+
+class InjectedStop(RuntimeError):
+    pass
+
 
 def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None = None) -> dict[str, Any]:
     """Entry point of each training worker. `config_dict["config"]` is a `FinetuneConfig` dump.
 
     Optional keys (tests): `model_factory(cfg, device)`, `data_source_factory(cfg, rank, world_size)`,
-    `fail_at_step` / `fail_rank` / `fail_marker` (kill a worker once). Returns the last logged metrics.
+    `fail_at_step` / `fail_rank` / `fail_marker` (SIGKILL a worker once), `stop_after_step` (raise
+    `InjectedStop`). Returns the last logged metrics.
     """
     cfg = FinetuneConfig.model_validate(config_dict["config"])
     ctx = ctx or RayContext()
@@ -322,6 +333,7 @@ def _run(
                     checkpoint_and_report(last)
                 else:
                     ctx.report(last)
+            faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()
     return last
