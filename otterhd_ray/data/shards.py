@@ -287,7 +287,7 @@ class ShardWriter:
             self._stream,
             SHARD_SCHEMA,
             # Statistics/dictionaries of the image column would copy image bytes into the footer for nothing.
-            use_dictionary=["id", "image_id", "source", "conversations.list.element.role"],
+            use_dictionary=["source", "conversations.list.element.role"],
             write_statistics=["id", "image_id", "source"],
         )
         self._file_rows = 0
@@ -565,8 +565,9 @@ class ParquetImages:
             f"(columns: {schema.names})"
         )
 
-    def locate(self, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    def locate(self, wanted: Iterable[str]) -> dict[str, tuple[int, int]]:
         """image id -> (row group, row within it) for the wanted ids present; the first occurrence wins."""
+        wanted = set(wanted)
         where: dict[str, tuple[int, int]] = {}
         with self._open() as pf:
             for group in range(pf.num_row_groups):
@@ -605,7 +606,8 @@ class JsonImages:
             raise ValueError(f"{path}: expected a JSON object of image id -> base64")
         self._images = doc
 
-    def locate(self, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    def locate(self, wanted: Iterable[str]) -> dict[str, tuple[int, int]]:
+        # Keeps the caller's order (the instruction order): this reader has no file order to follow.
         return {image_id: (0, 0) for image_id in wanted if image_id in self._images}
 
     def stream(self, where: Mapping[str, tuple[int, int]]) -> Iterator[tuple[str, Any]]:
@@ -639,8 +641,9 @@ def convert_mimicit(
     - `group_related`: an instruction and its related ones become one multi-turn conversation (every assistant
       turn supervised), and the related ones are not emitted again on their own.
 
-    Rows are written in images-file order (that is what keeps memory bounded); within one images row group
-    they follow the instruction order. Bad rows are rejected with a reason, counted, never fatal.
+    Rows are written in the row order of the images parquet (that is what keeps memory bounded; samples that
+    share an image keep the instruction order), or in instruction order for the legacy JSON. Bad rows are
+    rejected with a reason, counted, never fatal.
     """
     data = _load_instructions(instructions)
     source = source or _default_source(instructions)
@@ -662,7 +665,7 @@ def convert_mimicit(
     by_image: dict[str, list[_Plan]] = defaultdict(list)
     for plan in plans:
         by_image[plan.image_id].append(plan)
-    where = reader.locate(set(by_image))
+    where = reader.locate(by_image)
     for image_id, waiting in by_image.items():
         if image_id not in where:
             for plan in waiting:

@@ -373,3 +373,22 @@ def test_parquet_images_with_one_huge_row_group_is_batched(tmp_path):
     assert where == {"img-003": (0, 3), "img-039": (0, 39)}
     got = dict(reader.stream(where))
     assert set(got) == {"img-003", "img-039"}
+
+
+def test_output_order_is_deterministic(tmp_path):
+    """Legacy JSON: instruction order. Parquet: images-file order (what bounded memory allows)."""
+    jpeg = base64.b64encode(tiny_jpeg()).decode()
+    names = ["q-d", "q-a", "q-e", "q-c", "q-b"]
+    images = [f"img-{n[-1]}" for n in names]
+    instructions = write_instructions(
+        tmp_path / "ins.json", {n: ins(images=[i]) for n, i in zip(names, images, strict=True)}
+    )
+    (tmp_path / "legacy.json").write_text(json.dumps({i: jpeg for i in sorted(images)}))
+    convert_mimicit(instructions, tmp_path / "legacy.json", tmp_path / "a")
+    assert [r["id"] for r in iter_shard_rows(tmp_path / "a")] == names
+    file_order = sorted(images, reverse=True)
+    pq.write_table(
+        pa.table({"image_id": file_order, "base64": [jpeg] * 5}), tmp_path / "i.parquet", row_group_size=2
+    )
+    convert_mimicit(instructions, tmp_path / "i.parquet", tmp_path / "b")
+    assert [r["image_id"] for r in iter_shard_rows(tmp_path / "b")] == file_order
