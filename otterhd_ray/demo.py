@@ -76,16 +76,16 @@ def step_finetune(cfg: FinetuneConfig) -> Any:
 
 def latest_checkpoint(cfg: FinetuneConfig) -> Path:
     root = Path(cfg.ray.storage_path).resolve() / cfg.ray.name
-    found = sorted(root.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    found = sorted((p for p in root.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no checkpoint under {root}: run the finetune step first")
     return found[-1]
 
 
-def step_export(cfg: FinetuneConfig, workdir: Path) -> Path:
+def step_export(cfg: FinetuneConfig, workdir: Path, checkpoint: str | None = None) -> Path:
     from otterhd_ray.export import export_checkpoint
 
-    ckpt = latest_checkpoint(cfg)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(cfg)
     out = export_checkpoint(ckpt, workdir / "export")
     print(f"exported {ckpt} -> {out}")
     return Path(out)
@@ -115,10 +115,13 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all") -> None:
         step_data(workdir, cfg)
     if "finetune" in chosen:
         _banner("2/4 fine-tune: debug Fuyu, Ray Train + DeepSpeed ZeRO-2 on CPU")
-        step_finetune(cfg)
+        result = step_finetune(cfg)
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    else:
+        checkpoint = None
     if "export" in chosen:
         _banner("3/4 export: training checkpoint -> HF directory")
-        step_export(cfg, workdir)
+        step_export(cfg, workdir, checkpoint)
     if "evaluate" in chosen:
         _banner("4/4 evaluate: MagnifierBench-style benchmark on Ray actors")
         step_evaluate(workdir)
