@@ -204,10 +204,13 @@ class ShardWriter:
         rows_per_group: int = 64,
         rows_per_file: int = 4096,
         max_group_bytes: int = 256 << 20,
+        max_file_bytes: int = 1 << 30,
         overwrite: bool = False,
     ) -> None:
-        if rows_per_group <= 0 or rows_per_file <= 0 or max_group_bytes <= 0:
-            raise ValueError("rows_per_group, rows_per_file and max_group_bytes must be positive")
+        if min(rows_per_group, rows_per_file, max_group_bytes, max_file_bytes) <= 0:
+            raise ValueError(
+                "rows_per_group, rows_per_file, max_group_bytes and max_file_bytes must be positive"
+            )
         if not prefix or "/" in prefix or prefix.startswith((".", "_")):
             raise ValueError(f"bad shard prefix {prefix!r}")
         self.fs, self.dir, self._uri_prefix = resolve_filesystem(out_dir)
@@ -215,6 +218,7 @@ class ShardWriter:
         self.rows_per_group = rows_per_group
         self.rows_per_file = rows_per_file
         self.max_group_bytes = max_group_bytes
+        self.max_file_bytes = max_file_bytes
         self.files: list[str] = []
         self.num_rows = 0
         self._buffer: list[dict[str, Any]] = []
@@ -223,6 +227,7 @@ class ShardWriter:
         self._stream: Any = None
         self._tmp_path: str | None = None
         self._file_rows = 0
+        self._file_bytes = 0
         self._closed = False
         self.fs.create_dir(self.dir, recursive=True)
         self._clear_existing(overwrite)
@@ -266,18 +271,21 @@ class ShardWriter:
             self.write(row)
 
     def _flush_group(self) -> None:
-        while self._buffer:
-            if self._writer is None:
-                self._open_file()
-            room = self.rows_per_file - self._file_rows
-            rows, self._buffer = self._buffer[:room], self._buffer[room:]
-            table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-            self._writer.write_table(table, row_group_size=len(rows))
-            self._file_rows += len(rows)
-            self.num_rows += len(rows)
-            if self._file_rows >= self.rows_per_file:
-                self._finish_file()
-        self._buffer_bytes = 0
+        # write() flushes before the buffer outgrows the room left in the file, so this is one row group.
+        if not self._buffer:
+            return
+        assert len(self._buffer) <= self.rows_per_file - self._file_rows
+        if self._writer is None:
+            self._open_file()
+        table = pa.Table.from_pylist(self._buffer, schema=SHARD_SCHEMA)
+        self._writer.write_table(table, row_group_size=len(self._buffer))
+        self._file_rows += len(self._buffer)
+        self._file_bytes += self._buffer_bytes
+        self.num_rows += len(self._buffer)
+        self._buffer, self._buffer_bytes = [], 0
+        # Ray Data reads one file as one block: cap files by bytes too, not only by rows.
+        if self._file_rows >= self.rows_per_file or self._file_bytes >= self.max_file_bytes:
+            self._finish_file()
 
     def _open_file(self) -> None:
         index = len(self.files)
@@ -290,7 +298,7 @@ class ShardWriter:
             use_dictionary=["source", "conversations.list.element.role"],
             write_statistics=["id", "image_id", "source"],
         )
-        self._file_rows = 0
+        self._file_rows = self._file_bytes = 0
 
     def _finish_file(self) -> None:
         assert self._writer is not None and self._tmp_path is not None
@@ -300,7 +308,7 @@ class ShardWriter:
         self.fs.move(self._tmp_path, final)
         self.files.append(self._uri_prefix + final)
         self._writer = self._stream = self._tmp_path = None
-        self._file_rows = 0
+        self._file_rows = self._file_bytes = 0
 
     def close(self) -> None:
         """Flush buffered rows and finalise the last file."""

@@ -66,6 +66,18 @@ def test_writer_flushes_a_group_early_on_bytes(tmp_path):
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [3, 3, 1]
 
 
+def test_writer_starts_a_new_file_on_bytes(tmp_path):
+    # Ray Data reads one file as one block, so a file of big images must end early too.
+    with ShardWriter(tmp_path, rows_per_group=64, max_group_bytes=2500, max_file_bytes=5000) as w:
+        w.write_many(make_row(i, image_size=1000) for i in range(10))
+    layout = []
+    for f in w.files:
+        meta = pq.ParquetFile(f).metadata
+        layout.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    assert layout == [[3, 3], [3, 1]]
+    assert [r["id"] for r in iter_shard_rows(tmp_path)] == [f"s-{i:04d}" for i in range(10)]
+
+
 def test_unfinished_file_is_invisible_and_removed_on_error(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with ShardWriter(tmp_path, rows_per_group=2, rows_per_file=4) as w:
