@@ -117,6 +117,19 @@ def list_shard_files(path: PathLike) -> list[str]:
     return [prefix + p for p in sorted(found)]
 
 
+def _publish(fs: pafs.FileSystem, tmp: str, final: str) -> None:
+    """Make a finished tmp file visible under its final name, all at once.
+
+    Locally that is a rename. Object stores have no rename (Arrow's GCS `move` is not implemented; S3's is a
+    copy) but a server-side copy publishes the object only once it is complete, so readers never see half of it.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(tmp, final)
+    else:
+        fs.copy_file(tmp, final)
+        fs.delete_file(tmp)
+
+
 def _open_parquet(path: str, **kwargs: Any) -> pq.ParquetFile:
     fs, inner, _ = resolve_filesystem(path)
     return pq.ParquetFile(fs.open_input_file(inner), **kwargs)
@@ -305,7 +318,7 @@ class ShardWriter:
         self._writer.close()
         self._stream.close()
         final = f"{self.dir}/{self.prefix}-{len(self.files):05d}.parquet"
-        self.fs.move(self._tmp_path, final)
+        _publish(self.fs, self._tmp_path, final)
         self.files.append(self._uri_prefix + final)
         self._writer = self._stream = self._tmp_path = None
         self._file_rows = self._file_bytes = 0
@@ -340,7 +353,7 @@ def write_rejects(out_dir: PathLike, rejects: Sequence[Mapping[str, str]], name:
     tmp, final = f"{inner}/.{name}.tmp", f"{inner}/{name}"
     with fs.open_output_stream(tmp) as stream:
         pq.write_table(table, stream)
-    fs.move(tmp, final)
+    _publish(fs, tmp, final)
     return uri_prefix + final
 
 

@@ -208,3 +208,30 @@ def test_resolve_filesystem_local_and_uri(tmp_path, monkeypatch):
     assert inner == str(tmp_path / "rel" / "dir") and prefix == ""
     fs, inner, prefix = shards.resolve_filesystem(f"file://{tmp_path}")
     assert inner == str(tmp_path) and prefix == ""
+
+
+def test_object_store_path_publishes_by_copy(tmp_path, monkeypatch):
+    """A non-local file system (stand-in: a sub-tree fs, not LocalFileSystem) goes through copy + delete."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+
+    def fake_resolve(path):
+        assert str(path).startswith("store://")
+        return fs, str(path).removeprefix("store://"), "store://"
+
+    monkeypatch.setattr(shards, "resolve_filesystem", fake_resolve)
+    with ShardWriter("store://bucket/out", rows_per_file=3) as w:
+        w.write_many(make_row(i) for i in range(5))
+    assert w.files == ["store://bucket/out/shard-00000.parquet", "store://bucket/out/shard-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "bucket" / "out").iterdir()) == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]
+    assert list_shard_files("store://bucket/out") == w.files
+    assert count_rows("store://bucket/out") == 5
+    assert [r["id"] for r in iter_shard_rows("store://bucket/out/shard-*.parquet")] == [
+        f"s-{i:04d}" for i in range(5)
+    ]
+    write_rejects("store://bucket/out", [])
+    assert (tmp_path / "bucket" / "out" / "rejects.parquet").exists()
