@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from otterhd_ray.data.shards import (
@@ -392,3 +394,12 @@ def test_output_order_is_deterministic(tmp_path):
     )
     convert_mimicit(instructions, tmp_path / "i.parquet", tmp_path / "b")
     assert [r["image_id"] for r in iter_shard_rows(tmp_path / "b")] == file_order
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(min_size=1, max_size=300), urlsafe=st.booleans(), strip_padding=st.booleans())
+def test_base64_round_trip_property(raw, urlsafe, strip_padding):
+    text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(raw).decode()
+    if strip_padding:
+        text = text.rstrip("=")
+    assert decode_base64_image(text) == raw
