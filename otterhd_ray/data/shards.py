@@ -90,6 +90,13 @@ def list_shard_files(path: PathLike) -> list[str]:
     `rejects*.parquet` files. A glob (`*`, `?`, `[`) matches on the full path. Raises ValueError when nothing is
     found, so a typo in a config never trains on zero samples.
     """
+    _, found, prefix = _list_files(path)
+    return [prefix + p for p in found]
+
+
+def _list_files(path: PathLike) -> tuple[pafs.FileSystem, list[str], str]:
+    """(file system, sorted inner paths, URI prefix); the readers reuse the file system, so an object store
+    is resolved (credentials, bucket region) once per path given, not once per file."""
     fs, inner, prefix = resolve_filesystem(path)
     if any(ch in inner for ch in "*?["):
         first = min(inner.find(ch) for ch in "*?[" if ch in inner)
@@ -114,7 +121,7 @@ def list_shard_files(path: PathLike) -> list[str]:
             raise ValueError(f"shard path not found: {path}")
     if not found:
         raise ValueError(f"no parquet shard files at {path}")
-    return [prefix + p for p in sorted(found)]
+    return fs, sorted(found), prefix
 
 
 def _publish(fs: pafs.FileSystem, tmp: str, final: str) -> None:
@@ -135,31 +142,27 @@ def _open_parquet(path: str, **kwargs: Any) -> pq.ParquetFile:
     return pq.ParquetFile(fs.open_input_file(inner), **kwargs)
 
 
-def _as_file_list(paths: PathLike | Sequence[PathLike]) -> list[str]:
+def _open_files(paths: PathLike | Sequence[PathLike]) -> Iterator[pq.ParquetFile]:
     items = [paths] if isinstance(paths, str | Path) else list(paths)
-    out: list[str] = []
     for item in items:
-        out.extend(list_shard_files(item))
-    return out
+        fs, found, _ = _list_files(item)
+        for inner in found:
+            with pq.ParquetFile(fs.open_input_file(inner)) as pf:
+                yield pf
 
 
 def count_rows(paths: PathLike | Sequence[PathLike]) -> int:
     """Number of rows in the given files/directories/globs, read from parquet footers only."""
-    total = 0
-    for path in _as_file_list(paths):
-        with _open_parquet(path) as pf:
-            total += pf.metadata.num_rows
-    return total
+    return sum(pf.metadata.num_rows for pf in _open_files(paths))
 
 
 def iter_shard_rows(
     path_or_dir: PathLike | Sequence[PathLike], columns: list[str] | None = None
 ) -> Iterator[dict]:
     """Yield rows as dicts, reading one row group at a time (memory bounded by the largest row group)."""
-    for path in _as_file_list(path_or_dir):
-        with _open_parquet(path) as pf:
-            for group in range(pf.num_row_groups):
-                yield from pf.read_row_group(group, columns=columns).to_pylist()
+    for pf in _open_files(path_or_dir):
+        for group in range(pf.num_row_groups):
+            yield from pf.read_row_group(group, columns=columns).to_pylist()
 
 
 # ------------------------------------------------------------------------------------------------ writer

@@ -216,8 +216,11 @@ def test_object_store_path_publishes_by_copy(tmp_path, monkeypatch):
 
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
 
+    calls = []
+
     def fake_resolve(path):
         assert str(path).startswith("store://")
+        calls.append(str(path))
         return fs, str(path).removeprefix("store://"), "store://"
 
     monkeypatch.setattr(shards, "resolve_filesystem", fake_resolve)
@@ -229,7 +232,9 @@ def test_object_store_path_publishes_by_copy(tmp_path, monkeypatch):
         "shard-00001.parquet",
     ]
     assert list_shard_files("store://bucket/out") == w.files
+    calls.clear()
     assert count_rows("store://bucket/out") == 5
+    assert calls == ["store://bucket/out"]  # resolved once for the directory, not once per file
     assert [r["id"] for r in iter_shard_rows("store://bucket/out/shard-*.parquet")] == [
         f"s-{i:04d}" for i in range(5)
     ]
