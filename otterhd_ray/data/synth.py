@@ -12,7 +12,7 @@ area, or a group of 1-5 identical ones for counting):
                                                         the target sits well inside its quadrant)
 
 so the answer is known exactly and needs the small object to be found. Train rows (shard schema) carry varied
-phrasings with free-form answers, a third of them multi-turn (2-3 questions about one scene); benchmark items
+phrasings with free-form answers, about a fifth of them multi-turn (2-3 questions about one scene); bench items
 have four options (plausible distractors: colours/shapes that are in the scene, nearby counts, the other
 quadrants) and the answer letter, in the exact parquet layout of the HF `Otter-AI/MagnifierBench` files.
 JPEG and PNG both. The same seed gives the same bytes.
@@ -21,6 +21,8 @@ JPEG and PNG both. The same seed gives the same bytes.
 `bad-<kind>-<k>`; rows that are odd but valid (RGBA / palette / 16-bit PNG, CMYK / EXIF-rotated JPEG: the
 pipeline must convert, not reject them) have ids `odd-<kind>-<k>`. So "rejects == rows whose id starts with
 `bad-`" is the check.
+
+`write_mimicit` writes the same kind of scenes in the MIMIC-IT/Otter input format of `convert_mimicit`.
 """
 
 from __future__ import annotations
