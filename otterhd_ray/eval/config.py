@@ -87,7 +87,9 @@ class JudgeConfig(Strict):
     )
     model: str = "gpt-4-0613"
     api_type: Literal["openai", "azure"] = "openai"
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; for azure the azure_endpoint.")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint; for azure the azure_endpoint."
+    )
     api_version: str | None = Field(None, description="Azure OpenAI API version (required for azure).")
     api_key: SecretStr | None = Field(None, description="Prefer OPENAI_API_KEY; never written anywhere.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
@@ -98,7 +100,9 @@ class JudgeConfig(Strict):
     timeout: float = Field(30.0, gt=0, description="Seconds per request.")
     backoff_base: float = Field(1.0, gt=0, description="First backoff in seconds, doubled per retry.")
     backoff_max: float = Field(60.0, gt=0, description="Cap of one backoff, and of an honoured Retry-After.")
-    cache_path: str | None = Field(None, description="JSONL verdict cache; default <output_dir>/judge_cache.jsonl.")
+    cache_path: str | None = Field(
+        None, description="JSONL verdict cache; default <output_dir>/judge_cache.jsonl."
+    )
     prompt_usd_per_1k: float = Field(GPT4_0613_PROMPT_USD_PER_1K, ge=0)
     completion_usd_per_1k: float = Field(GPT4_0613_COMPLETION_USD_PER_1K, ge=0)
 
@@ -117,6 +121,7 @@ class BenchmarkConfig(Strict):
     )
     batch_size: int = Field(8, gt=0, description="Items per predictor call (2 generations each).")
     max_new_tokens: int = Field(64, gt=0)
+    preprocess_threads: int = Field(4, gt=0, description="Threads per actor decoding and resizing images.")
     mc_parse: Literal["strict", "legacy"] = Field(
         "strict", description="strict: letter / 'The answer is X' / exact option; legacy: the seed's parser."
     )

@@ -159,6 +159,7 @@ def _predict_stream(cfg: BenchmarkConfig, model: BenchModelSpec, rows: list[dict
             "max_new_tokens": cfg.max_new_tokens,
             "device": cfg.device,
             "dtype": cfg.dtype,
+            "preprocess_threads": cfg.preprocess_threads,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=cfg.gpus_per_actor or None,

@@ -13,6 +13,7 @@ An item whose image cannot be decoded gets `error` set and empty responses; it n
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,13 +63,14 @@ class Predictor:
         max_new_tokens: int = 64,
         device: str = "auto",
         dtype: str = "auto",
+        preprocess_threads: int = 4,
     ) -> None:
         from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: PLC0415
         from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
 
         device = pick_device(device)
         model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
-        self._setup(model, load_tokenizer(model_path), resolution, max_new_tokens, stop_ids=None)
+        self._setup(model, load_tokenizer(model_path), resolution, max_new_tokens, None, preprocess_threads)
 
     @classmethod
     def from_model(
@@ -78,13 +80,22 @@ class Predictor:
         resolution: int = -1,
         max_new_tokens: int = 64,
         stop_ids: list[int] | None = None,
+        preprocess_threads: int = 4,
     ) -> Predictor:
         """An in-memory model (benchmarks, tests); `stop_ids=[]` forces exactly `max_new_tokens` per answer."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, resolution, max_new_tokens, stop_ids)
+        self._setup(model, tokenizer, resolution, max_new_tokens, stop_ids, preprocess_threads)
         return self
 
-    def _setup(self, model: Any, tokenizer: Any, resolution: int, max_new_tokens: int, stop_ids: Any) -> None:
+    def _setup(
+        self,
+        model: Any,
+        tokenizer: Any,
+        resolution: int,
+        max_new_tokens: int,
+        stop_ids: Any,
+        preprocess_threads: int,
+    ) -> None:
         from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
         from otterhd_ray.data.tokenizer import fuyu_tokens  # noqa: PLC0415
 
@@ -99,16 +110,27 @@ class Predictor:
                 stop_ids.append(int(tokenizer.eos_token_id))
         self.stop_ids = sorted(set(stop_ids))
         self.model = model.eval()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, preprocess_threads), thread_name_prefix="prep")
 
-    def _prepare_image(self, data: bytes) -> Image.Image:
+    def _prepare_image(self, data: bytes) -> Image.Image | str:
+        """Decode, apply `resolution`, then the processor's 1080x1920 cap: the image as the model will see it.
+
+        Runs in a thread pool (Pillow releases the GIL while decoding and resizing), so a batch's images are
+        prepared in parallel; returns the error text instead of raising for an unusable image.
+        """
         from otterhd_ray.data.images import decode_image  # noqa: PLC0415
+        from otterhd_ray.data.processor import resize_image  # noqa: PLC0415
 
-        return resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution)
+        try:
+            return resize_image(resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution))
+        except ValueError as err:  # BadSample is a ValueError: an unreadable image fails its item only
+            return f"{type(err).__name__}: {err}"[:300]
 
     def _encode(self, image: Image.Image, text: str) -> tuple[Any, Any]:
         import torch  # noqa: PLC0415
 
-        # size=None: the processor's own shrink-to-fit 1080x1920, exactly as transformers' FuyuProcessor.
+        # The image is already at its final size, so the processor only patchifies and tokenizes. Tokenizing
+        # stays on this thread: HF fast tokenizers are not safe to call from several threads at once.
         sample = self.processor.encode_prompt(image, text)
         return torch.as_tensor(sample["input_ids"], dtype=torch.long), torch.from_numpy(sample["patches"])
 
@@ -119,14 +141,17 @@ class Predictor:
         num_prompt, num_new = np.zeros(n, np.int64), np.zeros(n, np.int64)
         prompts: list[tuple[Any, Any]] = []
         owners: list[tuple[int, str]] = []  # (item index, "mc" | "ff") of each prompt
-        for i in range(n):
+        images = list(self._pool.map(self._prepare_image, [bytes(b) for b in batch["image"]]))
+        for i, image in enumerate(images):
+            if isinstance(image, str):
+                errors[i] = image
+                continue
             try:
-                image = self._prepare_image(bytes(batch["image"][i]))
                 pair = [
                     self._encode(image, str(batch["mc_text"][i])),
                     self._encode(image, str(batch["ff_text"][i])),
                 ]
-            except ValueError as err:  # BadSample is a ValueError: an unreadable image fails its item only
+            except ValueError as err:  # e.g. reserved tokens in the text: this item only
                 errors[i] = f"{type(err).__name__}: {err}"[:300]
                 continue
             for kind, prompt in zip(("mc", "ff"), pair, strict=True):

@@ -36,7 +36,7 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 class FakePredictor:
     """Same constructor and columns as eval.predictor.Predictor; always picks option A (letter and text)."""
 
-    def __init__(self, model_path, resolution=-1, max_new_tokens=8, device="auto", dtype="auto"):
+    def __init__(self, model_path, resolution=-1, max_new_tokens=8, device="auto", dtype="auto", **kwargs):
         self.model_path = model_path
 
     def _option_a(self, mc_text: str) -> str:
