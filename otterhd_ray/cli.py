@@ -44,6 +44,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         source=args.source,
         group_related=args.group_related,
         train_config=args.train_config,
+        overwrite=args.overwrite,
     )
     print(stats)
     return 0
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="dataset name stored in each row (default: file stem)")
     p.add_argument("--train-config", default=None, help="Otter train config JSON (ins id -> related ids)")
     p.add_argument("--group-related", action="store_true", help="rel_ins_ids become one multi-turn sample")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     p.set_defaults(func=_cmd_convert)
 
     p = data.add_parser("stats", help="run the input pipeline once and print bucket/packing/reject stats")
@@ -140,8 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"otterhd: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # user mistakes (bad config, bad paths, refusing to overwrite): one clear line, no traceback
+        print(f"otterhd: error: {err}", file=sys.stderr)
         return 2
 
 

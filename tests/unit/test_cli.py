@@ -1,0 +1,47 @@
+"""The `otterhd` command: argument wiring and user-facing errors (the heavy paths are tested elsewhere)."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from otterhd_ray.cli import build_parser, main
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("data", "finetune", "export", "evaluate", "demo"):
+        assert command in out
+
+
+def test_confg_spelling_is_accepted():
+    args = build_parser().parse_args(["evaluate", "--confg", "benchmark.yaml"])
+    assert args.config == "benchmark.yaml"
+
+
+def test_synth_then_convert_errors_cleanly(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--train", "4", "--bench", "2"]) == 0
+    assert pq.read_metadata(next((tmp_path / "d" / "train").glob("*.parquet"))).num_rows == 4
+    assert (tmp_path / "d" / "magnifierbench" / "data").is_dir()
+
+
+@pytest.mark.skipif(not (FIXTURES / "mimicit").is_dir(), reason="shared fixtures not beside the checkout")
+def test_convert_refuses_overwrite_without_flag(tmp_path, capsys):
+    argv = ["data", "convert", "--instructions", str(FIXTURES / "mimicit" / "SYN_instructions.json"),
+            "--images", str(FIXTURES / "mimicit" / "SYN.parquet"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert main(argv) == 2
+    assert "otterhd: error:" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochz: 3\n")
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochz" in err and str(cfg) in err
