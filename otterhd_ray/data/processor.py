@@ -13,7 +13,10 @@ Patches stay uint8 (4x smaller than float32 through Ray's object store); `normal
 values bit for bit on whichever device the batch lands.
 
 Token layout of one image + prompt (HF `FuyuProcessor`): `[|SPEAKER| x cols, |NEWLINE|] x rows`, `<s>`, then
-`tokenizer(prompt + "<0x04>")` without special tokens. Training appends ` {answer}` + end token per turn.
+`tokenizer(prompt + "<0x04>")` without special tokens. Training: the image once, then per turn
+`tokenizer(template(instruction) + "<0x04>")`, `tokenizer(" " + answer)`, end token id. Each segment is tokenized
+on its own (a Metaspace tokenizer starts each with `▁`, as HF's prompt after `<s>` does), which keeps the label
+boundaries exact where tokenizing the whole seed string at once could merge pieces across a boundary.
 """
 
 from __future__ import annotations
@@ -141,8 +144,14 @@ class FuyuProcessor:
         # fallback maps to <0x04>) would fake a turn boundary or an early stop in the supervision.
         self._reserved = frozenset({self.tokens.image, self.tokens.newline})
         self._reserved_training = self._reserved | {self.tokens.boa, self.tokens.end}
-        # Fail at construction, not on the first sample, when "<0x04>" is not one token for this tokenizer.
-        self._encode_prompt_text(self.instruction_template.replace("{instruction}", "probe"))
+        # Fail at construction, not on every sample, when "<0x04>" is not one token for this tokenizer or the
+        # template itself holds a reserved token (e.g. the seed's raw "\x04": the processor adds "<0x04>" itself).
+        try:
+            self._encode_prompt_text(
+                self.instruction_template.replace("{instruction}", "probe"), training=True
+            )
+        except BadSample as err:
+            raise ValueError(f"instruction_template {instruction_template!r} is unusable: {err}") from None
 
     # --------------------------------------------------------------------------------------------- text
     def _check_reserved(self, ids: list[int], reserved: frozenset[int]) -> None:

@@ -188,6 +188,14 @@ def test_custom_template(tok):
 def test_template_without_instruction_is_rejected(tok):
     with pytest.raises(ValueError, match="instruction"):
         FuyuProcessor(tok, instruction_template="User: Assistant:")
+    # the seed's literal "\x04" belongs to the layout, not the template: the processor appends "<0x04>" itself
+    for template in (
+        "User:{instruction} Assistant:\x04",
+        "{instruction}|SPEAKER|",
+        "{instruction}|ENDOFTEXT|",
+    ):
+        with pytest.raises(ValueError, match="unusable"):
+            FuyuProcessor(tok, instruction_template=template)
 
 
 def test_braces_in_text_are_literal(tok, proc):
@@ -287,4 +295,4 @@ def test_layout_invariants(proc, tok, turns, hw):
         for s in np.split(labels, np.flatnonzero(np.diff(supervised)) + 1)
         if s[0] != IGNORE_INDEX
     ]
-    assert decoded_answers == [a.lstrip(" ") for _, a in turns]
+    assert decoded_answers == [a for _, a in turns]  # " " + answer: the decoder strips exactly that space
