@@ -80,7 +80,7 @@ def build_hf_model(cfg: Any, dtype: torch.dtype, device: str, attn: str) -> Any:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = FuyuForCausalLM._from_config(hf_cfg, attn_implementation=attn, torch_dtype=dtype)
+            model = FuyuForCausalLM._from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()

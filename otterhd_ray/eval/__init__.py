@@ -1,0 +1,18 @@
+"""MagnifierBench evaluation: loader, MC scoring, judge, predictor actors, pipeline, report.
+
+`run_evaluation(cfg)` is the entry point (`otterhd evaluate`, `otterhd demo`); see `eval/pipeline.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_evaluation(cfg: Any, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate every model x dataset of a `BenchmarkConfig`; returns the metrics (also written to disk)."""
+    from otterhd_ray.eval.pipeline import run_evaluation as _run  # noqa: PLC0415 - keep package import light
+
+    return _run(cfg, **kwargs)
+
+
+__all__ = ["run_evaluation"]

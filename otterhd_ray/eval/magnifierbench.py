@@ -135,7 +135,12 @@ def to_item(row: dict[str, Any], result: LoadResult) -> BenchItem | None:
 def _parquet_files(path: Path, split: str) -> list[Path]:
     if path.is_file():
         return [path]
-    for pattern in (f"data/{split}-*.parquet", f"{split}-*.parquet", f"{split}/*.parquet", f"data/{split}/*.parquet"):
+    for pattern in (
+        f"data/{split}-*.parquet",
+        f"{split}-*.parquet",
+        f"{split}/*.parquet",
+        f"data/{split}/*.parquet",
+    ):
         files = sorted(path.glob(pattern))
         if files:
             return files
@@ -166,8 +171,11 @@ def _rows_from_hub(spec: BenchDatasetSpec) -> Iterator[dict[str, Any]]:
                 f"could not load {spec.data_path!r} from the Hugging Face hub ({type(err).__name__}); "
                 "offline? download it and set data_path to the local directory"
             ) from None
-        # Keep images encoded: decoding to PIL and re-encoding would change JPEG bytes.
-        ds = ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+        try:
+            # Keep images encoded: decoding to PIL and re-encoding would change JPEG bytes.
+            ds = ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+        except Exception:  # noqa: BLE001 - another `datasets` version: PIL images are re-encoded as PNG
+            pass
         yield from ds
         return
     try:
