@@ -21,9 +21,11 @@ size of a sample never depends on which worker processed it or in which order.
 
 **Packing.** `pack(samples, max_tokens)` turns processed samples (docs/internals.md "Processed sample") into packed
 micro-batches ("Packed micro-batch") with no padding. `StreamingPacker` keeps a bounded buffer per bucket group;
-once a group holds `buffer_size` samples it emits one micro-batch: the longest buffered sample, then repeatedly the
-longest one that still fits (greedy first-fit-decreasing over the window). A sample longer than the budget is
-rejected with reason ``too_long`` — never truncated. The same packer runs on bare lengths for the pipeline's
+once a group holds `lookahead` (default 4) budgets' worth of tokens, or `buffer_size` samples (the memory cap,
+applied once at least one budget is buffered), it emits one micro-batch: the longest buffered sample, then repeatedly the longest one that still fits (greedy
+first-fit-decreasing over the window). Waiting for several budgets' worth matters: a buffer holding less than one
+budget can only emit an under-filled micro-batch. A sample longer than the budget is rejected with reason
+``too_long`` — never truncated. The same packer runs on bare lengths for the pipeline's
 epoch plan (`plan_packs`), so the plan and `pack` agree.
 """
 
@@ -44,6 +46,7 @@ PATCH_VALUES = PATCH * PATCH * 3
 IGNORE_INDEX = -100
 TOO_LONG = "too_long"
 DEFAULT_BUFFER_SIZE = 256
+DEFAULT_LOOKAHEAD = 4.0
 
 
 # ------------------------------------------------------------------------------------------------ buckets
@@ -118,24 +121,34 @@ class BucketPolicy:
 class _Group:
     lengths: list[int] = field(default_factory=list)  # sorted ascending
     items: list[Any] = field(default_factory=list)  # aligned with `lengths`
+    tokens: int = 0
 
 
 class StreamingPacker:
     """Bounded-buffer packer over (key, length, item) triples; emits lists of items whose lengths sum to
     at most `max_tokens` (and at most `max_samples` items when it is > 0).
 
-    Items longer than `max_tokens` are not packed: they land in `self.rejected` (reason `too_long`).
-    Deterministic: the output depends only on the input sequence (ties keep arrival order).
+    A group emits a micro-batch once it buffers `lookahead` budgets' worth of tokens (enough choice to fill
+    one well) or `buffer_size` items (the memory bound), whichever comes first; a buffer of fewer tokens than
+    one budget could only produce an under-filled micro-batch. Items longer than `max_tokens` are not packed:
+    they land in `self.rejected` (reason `too_long`). Deterministic: the output depends only on the input order.
     """
 
-    def __init__(self, max_tokens: int, max_samples: int = 0, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        max_samples: int = 0,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        lookahead: float = DEFAULT_LOOKAHEAD,
+    ) -> None:
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        if max_samples < 0 or buffer_size < 1:
-            raise ValueError("max_samples must be >= 0 and buffer_size >= 1")
+        if max_samples < 0 or buffer_size < 1 or lookahead < 1:
+            raise ValueError("max_samples must be >= 0, buffer_size >= 1 and lookahead >= 1")
         self.max_tokens = max_tokens
         self.max_samples = max_samples
         self.buffer_size = buffer_size
+        self.lookahead_tokens = lookahead * max_tokens
         self.rejected: list[Any] = []
         self._groups: dict[Hashable, _Group] = {}
 
@@ -150,8 +163,13 @@ class StreamingPacker:
         pos = bisect.bisect_right(group.lengths, length)
         group.lengths.insert(pos, length)
         group.items.insert(pos, item)
+        group.tokens += length
         out = []
-        while len(group.lengths) >= self.buffer_size:
+        # The count cap only applies once a full budget is buffered: below that, an emitted micro-batch would be
+        # under-filled by construction, and memory is bounded by one budget of tokens anyway.
+        while group.tokens >= self.lookahead_tokens or (
+            len(group.lengths) >= self.buffer_size and group.tokens >= self.max_tokens
+        ):
             out.append(self._emit(group))
         return out
 
@@ -179,6 +197,7 @@ class StreamingPacker:
                 i = bisect.bisect_right(group.lengths, budget, 0, i) - 1
         items = [group.items[j] for j in chosen]
         for j in sorted(chosen, reverse=True):
+            group.tokens -= group.lengths[j]
             del group.lengths[j]
             del group.items[j]
         return items

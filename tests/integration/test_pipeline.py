@@ -107,6 +107,8 @@ def test_every_good_sample_once_equal_counts_and_rejects(data_dir, tmp_path, tin
                 assert mb["num_target_tokens"] == 0 and len(mb["sample_index"]) == 0
                 continue
             assert mb["num_target_tokens"] > 0
+            # the schedule predicted every length exactly, from headers and text alone
+            assert sum(int(schedule.length[i]) for i in mb["sample_index"].tolist()) == n
             trained_ids += mb["sample_id"]
             trained_index += mb["sample_index"].tolist()
     assert len(trained_index) == len(set(trained_index)) and len(trained_ids) == len(set(trained_ids))

@@ -190,3 +190,11 @@ def test_pack_stream_groups_by_bucket_and_collects_too_long():
         assert len({int(i) % 2 for i in mb["sample_index"]}) == 1  # one bucket per micro-batch
     with pytest.raises(ValueError, match="too_long|max_tokens"):
         list(pack([_sample(500, 1, [0], 0)], max_tokens=200))
+
+
+def test_small_buffer_never_emits_underfilled_micro_batches_mid_stream():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(50, 150, 2000).tolist()
+    bins, _ = plan_packs(lengths, None, 2000, buffer_size=4)  # count cap far below one budget's worth
+    sums = [sum(lengths[i] for i in b) for b in bins]
+    assert all(s > 2000 - 150 for s in sums[:-1]), min(sums[:-1])

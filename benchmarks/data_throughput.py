@@ -1,0 +1,211 @@
+"""Input-pipeline benchmark: per-core preprocessing throughput and packing efficiency. Prints markdown tables.
+
+    python benchmarks/data_throughput.py [--images 48] [--passes 3] [--pack-rows 800] [--ray]
+
+1. **Per core**: decode -> bucket -> resize -> patchify -> tokenize of 1024-px JPEGs (long side 1024, aspect
+   9:16 ... 16:9) in one process pinned to one CPU, no Ray: the cost one core pays per sample. Two kinds of
+   JPEG: synth's scenes (smooth, like the training data) and the same scenes with pixel noise (high entropy,
+   closer to photos, slower to decode). Policies: the default random buckets with and without JPEG draft
+   decoding, the seed's squares, and the worst case (every image kept at 1020 px, where draft cannot help).
+   Stage times are CPU ms per sample (process CPU time, so other load on a shared machine does not count;
+   `--wall` for wall time); "tokenize" is the processor's encode minus its resize and patchify.
+2. **Ray Data** (`--ray`): the real pipeline (`build_train_iterator`, one rank) over a shard of those JPEGs on a
+   local Ray with every CPU of this machine; samples/s divided by the CPUs gives the per-core figure.
+3. **Packing**: `schedule_epoch` on a synthetic mix (`otterhd data synth`) — real tokens / (micro-batches x
+   max_tokens) for several budgets, bucket modes and packer buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from otterhd_ray.config import BucketConfig, DataConfig  # noqa: E402
+from otterhd_ray.data.buckets import BucketPolicy, sample_rng  # noqa: E402
+from otterhd_ray.data.images import decode_image  # noqa: E402
+from otterhd_ray.data.processor import FuyuProcessor, patchify, resize_image  # noqa: E402
+from otterhd_ray.data.synth import draw_scene  # noqa: E402
+from otterhd_ray.data.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
+
+CONV = [
+    {"role": "user", "text": "What color is the small triangle in the top left of the image?"},
+    {"role": "assistant", "text": "The small triangle in the top left is red."},
+]
+MAX_PIXELS = 89_478_485
+# CPU time of this process, not wall time: the figure is "cost per core", and on a shared machine wall time
+# also counts the time other processes held the core. (--wall switches back to wall time.)
+clock = time.process_time
+
+
+def make_jpegs(n: int, noisy: bool, seed: int = 0) -> list[bytes]:
+    out = []
+    for i in range(n):
+        rng = random.Random(f"bench-{seed}-{i}")
+        image = draw_scene(rng, "colour", long_min=1024, long_max=1024).image
+        if noisy:
+            arr = np.asarray(image, dtype=np.int16)
+            noise = np.random.default_rng(i).normal(0, 12, arr.shape).astype(np.int16)
+            image = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | None, draft: bool,
+             passes: int) -> dict[str, float]:
+    """Per-sample seconds of each stage (policy None: keep every image at 1020 px long side)."""
+    t = {"decode": 0.0, "resize": 0.0, "patchify": 0.0, "encode": 0.0}
+    tokens = 0
+    n = 0
+    for p in range(passes):
+        for i, data in enumerate(jpegs):
+            from otterhd_ray.data.images import image_size
+
+            h, w = image_size(data, MAX_PIXELS)
+            if policy is None:
+                s = 1020 / max(h, w)
+                size = (round(h * s / 30) * 30, round(w * s / 30) * 30)
+            else:
+                size = policy.choose_size((h, w), sample_rng(0, p, i))
+            t0 = clock()
+            image = decode_image(data, MAX_PIXELS, draft_target=size if draft else None)
+            t1 = clock()
+            resized = resize_image(image, size)
+            t2 = clock()
+            patchify(np.asarray(resized, dtype=np.uint8))
+            t3 = clock()
+            sample = proc.encode_conversation(image, CONV, size=size)  # the real call: resize+patchify+tokens
+            t4 = clock()
+            t["decode"] += t1 - t0
+            t["resize"] += t2 - t1
+            t["patchify"] += t3 - t2
+            t["encode"] += t4 - t3
+            tokens += int(sample["num_tokens"])
+            n += 1
+    out = {k: v / n for k, v in t.items()}
+    out["tokenize"] = max(0.0, out["encode"] - out["resize"] - out["patchify"])
+    out["total"] = out["decode"] + out["encode"]
+    out["tokens"] = tokens / n
+    return out
+
+
+def ray_throughput(jpegs: list[bytes], tok_dir: str, work: Path) -> tuple[float, int, int]:
+    import ray
+
+    from otterhd_ray.data.pipeline import build_train_iterator
+    from otterhd_ray.data.shards import ShardWriter
+
+    with ShardWriter(work / "shards", rows_per_group=16, overwrite=True) as w:
+        for i, data in enumerate(jpegs):
+            w.write({"id": f"b{i}", "image": data, "image_id": f"b{i}", "conversations": CONV, "source": "bench"})
+    cpus = os.cpu_count() or 1
+    cfg = DataConfig(datasets=[{"name": "bench", "path": str(work / "shards")}], max_tokens=16384,
+                     index_cache_dir=str(work / "index"), preprocess_batch_size=8, preprocess_concurrency=cpus)
+    ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False)
+    try:
+        list(build_train_iterator(cfg, tok_dir, 0, 1, 0, use_ray=True))  # warm-up: index, worker imports
+        t0 = time.perf_counter()
+        it = build_train_iterator(cfg, tok_dir, 0, 1, 1, use_ray=True)
+        for _ in it:
+            pass
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return it.stats.num_samples / seconds, it.stats.num_samples, cpus
+
+
+def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
+    from otterhd_ray.data.pipeline import schedule_epoch
+    from otterhd_ray.data.synth import synthesize
+
+    t0 = time.perf_counter()
+    synthesize(work / "syn", num_train=rows, num_bench=0, seed=0)
+    print(f"(synthesized {rows} rows in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    out = []
+    # `rows` once (the tail of the epoch weighs a lot at this size), and 10 passes over them (each repeat draws
+    # its own bucket, so lengths differ): closer to a real epoch of thousands of micro-batches.
+    for num_samples in (-1, 10 * rows):
+        for mode in ("random", "seed"):
+            for max_tokens in (8192, 16384):
+                for buffer in (32, 256):
+                    spec = {"name": "syn", "path": str(work / "syn" / "train"), "num_samples": num_samples}
+                    cfg = DataConfig(datasets=[spec], max_tokens=max_tokens, packing_buffer_size=buffer,
+                                     buckets=BucketConfig(mode=mode), index_cache_dir=str(work / "index"))
+                    s = schedule_epoch(cfg, tok_dir, 0, 1)
+                    real = int(s.length.sum())
+                    eff = real / (len(s.micro_batches) * max_tokens)
+                    out.append((mode, max_tokens, buffer, len(s.micro_batches), int((s.length > 0).sum()), eff))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--pack-rows", type=int, default=800)
+    ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--wall", action="store_true", help="time stages by wall clock instead of CPU time")
+    args = ap.parse_args()
+    global clock
+    if args.wall:
+        clock = time.perf_counter
+
+    work = Path(tempfile.mkdtemp(prefix="otterhd-bench-"))
+    tok_dir = str(work / "tok")
+    build_tiny_tokenizer(tok_dir)
+    proc = FuyuProcessor(load_tokenizer(tok_dir))
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core: a per-core figure
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"command: python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}")
+    print(f"load average {os.getloadavg()[0]:.1f}; stage times are {'wall' if args.wall else 'CPU'} ms per sample\n")
+    print("| JPEGs (long side 1024) | buckets | draft | decode ms | resize ms | patchify ms | tokenize ms "
+          "| total ms | samples/s/core | tokens/sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    policies = [
+        ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), True),
+        ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), False),
+        ("seed squares 448/512/768", BucketPolicy(BucketConfig(mode="seed")), True),
+        ("all at 1020 px", None, True),
+    ]
+    for noisy in (False, True):
+        jpegs = make_jpegs(args.images, noisy)
+        kb = sum(map(len, jpegs)) / len(jpegs) / 1024
+        for name, policy, draft in policies:
+            r = per_core(jpegs, proc, policy, draft, args.passes)
+            kind = f"{'noisy' if noisy else 'synth scene'} ({kb:.0f} KB)"
+            print(f"| {kind} | {name} | {'on' if draft else 'off'} | {1e3 * r['decode']:.1f} | "
+                  f"{1e3 * r['resize']:.1f} | {1e3 * r['patchify']:.1f} | {1e3 * r['tokenize']:.2f} | "
+                  f"{1e3 * r['total']:.1f} | {1 / r['total']:.0f} | {r['tokens']:.0f} |")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+    if args.ray:
+        rate, n, cpus = ray_throughput(make_jpegs(args.images, False), tok_dir, work)
+        print(f"\nRay Data pipeline (build_train_iterator, 1 rank, random buckets, draft on, {n} synth-scene "
+              f"JPEGs, {cpus} CPUs): {rate:.1f} samples/s = {rate / cpus:.1f} samples/s/core")
+
+    print("\n| buckets | max_tokens | packer buffer | micro-batches | samples | packing efficiency |")
+    print("|---|---|---|---|---|---|")
+    for mode, max_tokens, buffer, mbs, samples, eff in packing_table(args.pack_rows, tok_dir, work):
+        print(f"| {mode} | {max_tokens} | {buffer} | {mbs} | {samples} | {eff:.2%} |")
+
+
+if __name__ == "__main__":
+    main()
