@@ -273,7 +273,12 @@ _text = st.text(
 ).filter(lambda s: s.strip())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     turns=st.lists(st.tuples(_text, _text), min_size=1, max_size=4),
     hw=st.tuples(st.integers(1, 95), st.integers(1, 95)),
