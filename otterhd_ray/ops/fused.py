@@ -6,8 +6,9 @@ A layer is two glue regions around the attention kernel:
 
 Modes (`ModelConfig.fused_ops`):
 - `none`:    plain PyTorch ops (the reference, numerically what transformers computes);
-- `compile`: the same functions under `torch.compile(dynamic=True)`; Inductor fuses LayerNorm, qk-norm, the
-             rotary and relu² into the matmul epilogues/prologues (one compile for every packed length);
+- `compile`: the same functions under `torch.compile` with the token dimension dynamic; Inductor fuses
+             LayerNorm, qk-norm, the rotary and relu² into few kernels around the matmuls (one graph for every
+             packed length);
 - `liger`/`triton`: Liger-Kernel's Triton LayerNorm for the block and qk norms (imported lazily; GPU only).
 `auto` is `compile` on CUDA and `none` on CPU. The parameters and the checkpoint layout are the same in every
 mode; the test suite compares each mode with the reference.
@@ -135,6 +136,23 @@ def _liger_layer_norm() -> Callable:
     return norm
 
 
+def _token_dynamic(fn: Callable) -> Callable:
+    """torch.compile `fn` with only the token dimension symbolic.
+
+    Packed rows change length every step, so dim 0 of every tensor argument is marked dynamic (one graph for
+    all lengths); hidden, head and vocabulary sizes stay static so Inductor specialises its kernels for them.
+    """
+    compiled = torch.compile(fn)
+
+    def run(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return compiled(*args, **kwargs)
+
+    return run
+
+
 def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     """Turn `ModelConfig.fused_ops` into callables for `device`, or raise ValueError naming the fix."""
     device = torch.device(device)
@@ -143,13 +161,7 @@ def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     if mode == "none":
         return FusedOps("none", attn_in, attn_out, layer_norm)
     if mode == "compile":
-        # dynamic=True: packed rows change length every step; one graph serves them all.
-        return FusedOps(
-            "compile",
-            torch.compile(attn_in, dynamic=True),
-            torch.compile(attn_out, dynamic=True),
-            torch.compile(layer_norm, dynamic=True),
-        )
+        return FusedOps("compile", _token_dynamic(attn_in), _token_dynamic(attn_out), _token_dynamic(layer_norm))
     if mode in ("liger", "triton"):
         if device.type != "cuda":
             raise ValueError(f"fused_ops={mode!r} runs Triton kernels and needs a CUDA device; use 'compile' or 'none'")
