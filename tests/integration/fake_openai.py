@@ -104,7 +104,7 @@ class FakeOpenAI:
                             "action": action,
                         }
                     )
-                if not self.path.endswith("/chat/completions"):
+                if not self.path.split("?", 1)[0].endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
                 name, _, arg = action.partition(":")

@@ -108,7 +108,7 @@ def _cfg(bench_dir: Path, out: Path, **kw) -> BenchmarkConfig:
         ],
         "models": [{"name": "otterhd", "model_path": "/nonexistent/fake"}],
         "output_dir": str(out),
-        "num_actors": 2,
+        "num_actors": 1,
         "cpus_per_actor": 0.5,
         "batch_size": 2,
     }
@@ -250,6 +250,7 @@ def test_debug_model_end_to_end(local_ray, bench_dir, tmp_path, tiny_tokenizer_d
     cfg = _cfg(
         bench_dir,
         tmp_path / "out",
+        num_actors=2,  # a real pool: both actors load the model once and share the batches
         max_new_tokens=4,
         batch_size=3,
         models=[{"name": "otterhd", "model_path": str(model_dir), "resolution": 120}],
@@ -262,3 +263,26 @@ def test_debug_model_end_to_end(local_ray, bench_dir, tmp_path, tiny_tokenizer_d
     results = [json.loads(line) for line in Path(run["results_path"]).read_text().splitlines()]
     assert all(r["num_prompt_tokens"] > 0 and 0 < r["num_new_tokens"] <= 2 * 4 for r in results)
     assert run["timing"]["items_per_s"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_azure_client_against_the_server(tmp_path):
+    with FakeOpenAI(lambda body: "Yes") as server:
+        endpoint = server.base_url.removesuffix("/v1")
+        cfg = JudgeConfig(api_type="azure", base_url=endpoint, api_version="2024-02-01", timeout=5.0)
+        judge = OpenAIJudge(cfg, SECRET, JudgeCache(None))
+
+        async def go():
+            try:
+                return await judge_all(judge, [JudgeRequest("1", "q?", "r", "t")])
+            finally:
+                await judge.aclose()
+
+        (res,) = asyncio.run(go())
+    assert res.verdict is True
+    (req,) = server.requests
+    assert (
+        "/openai/deployments/gpt-4-0613/chat/completions" in req["path"]
+        and "api-version=2024-02-01" in req["path"]
+    )
+    assert req["headers"].get("api-key") == SECRET
