@@ -160,13 +160,21 @@ def format_stats(stats: PipelineStats, title: str = "input pipeline") -> str:
             ": " + ", ".join(f"{r}={n}" for r, n in sorted(stats.rejects.items())) if stats.rejects else ""
         ),
         "sources: " + ", ".join(f"{s}={n}" for s, n in sorted(stats.sources.items())),
-        "buckets (HxW: samples):",
+        f"buckets: {len(stats.buckets)} distinct sizes; samples by long side (px):",
     ]
     total = max(1, sum(stats.buckets.values()))
-    for bucket, n in sorted(stats.buckets.items(), key=lambda kv: (-kv[1], kv[0]))[:20]:
-        lines.append(f"  {bucket:>11}  {n:6d}  {'#' * max(1, round(40 * n / total))}")
-    if len(stats.buckets) > 20:
-        lines.append(f"  ... {len(stats.buckets) - 20} more sizes")
+    long_sides: Counter = Counter()
+    for bucket, n in stats.buckets.items():
+        long_sides[max(int(x) for x in bucket.split("x"))] += n
+    shown = sorted(side for side, _ in long_sides.most_common(10))
+    rows = [(str(side), long_sides[side]) for side in shown]
+    rest = total - sum(n for _, n in rows) if stats.buckets else 0
+    if rest:
+        rows.append(("other", rest))  # native sizes: one long side per image
+    for label, n in rows:
+        lines.append(f"  {label:>5}  {n:6d}  {'#' * max(1, round(40 * n / total))}")
+    top = sorted(stats.buckets.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+    lines.append("most common sizes (HxW): " + ", ".join(f"{b}={n}" for b, n in top))
     return "\n".join(lines)
 
 
@@ -371,7 +379,7 @@ def schedule_epoch(
         f, fr = int(plan.file[i]), int(plan.file_row[i])
         c = cols[f]
         ids.append(repeat_id(c["id"][fr], int(plan.repeat[i])))
-        sources.append(c["source"][fr] or plan.datasets[plan.dataset[i]])
+        sources.append(plan.datasets[plan.dataset[i]])  # the mix entry's name: the unit num_samples acts on
         reason = c["reason"][fr]
         if reason:
             rejects.append(_reject(ids[i], sources[i], reason, c["detail"][fr].as_py(), epoch, i, 0))
@@ -516,6 +524,20 @@ def _ray_ready() -> bool:
     return ray.is_initialized()
 
 
+def _ray_has_spare_cpu() -> bool:
+    """Auto mode uses Ray Data only when a preprocessing task could get a CPU: on a cluster whose CPUs the
+    training workers hold, 1-CPU tasks would wait forever (ray#44687); preprocessing in-process is then the
+    only way forward (and says so)."""
+    if not _ray_ready():
+        return False
+    import ray
+
+    if ray.available_resources().get("CPU", 0.0) >= 1.0:
+        return True
+    print("otterhd pipeline: Ray has no free CPU for preprocessing tasks; preprocessing in the training process")
+    return False
+
+
 def _iter_rows_ray(payloads: list[dict[str, Any]], cfg: DataConfig) -> Iterator[dict[str, Any]]:
     import ray
 
@@ -589,7 +611,7 @@ class TrainIterator:
         if not 0 <= start_position <= self.num_micro_batches:
             raise ValueError(f"start_position {start_position} outside [0, {self.num_micro_batches}]")
         self.start_position = start_position
-        self.use_ray = _ray_ready() if use_ray is None else use_ray
+        self.use_ray = _ray_has_spare_cpu() if use_ray is None else use_ray
         self.stats = PipelineStats(max_tokens=cfg.max_tokens)
         self._filler = collate_to_torch(filler_micro_batch(tokenizer_dir))
         self._started = False
