@@ -23,6 +23,7 @@ from PIL import Image
 MAX_HW = (1080, 1920)
 # Decompression-bomb limit for benchmark images (PIL's default).
 MAX_IMAGE_PIXELS = 89_478_485
+_ONE_PATCH_IMAGE = Image.new("RGB", (30, 30))
 
 
 def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -112,27 +113,38 @@ class Predictor:
         self.model = model.eval()
         self._pool = ThreadPoolExecutor(max_workers=max(1, preprocess_threads), thread_name_prefix="prep")
 
-    def _prepare_image(self, data: bytes) -> Image.Image | str:
-        """Decode, apply `resolution`, then the processor's 1080x1920 cap: the image as the model will see it.
+    def _prepare_image(self, data: bytes) -> tuple[Any, tuple[int, int]] | str:
+        """Decode, apply `resolution`, the processor's 1080x1920 cap, then patchify: (patches, grid).
 
-        Runs in a thread pool (Pillow releases the GIL while decoding and resizing), so a batch's images are
-        prepared in parallel; returns the error text instead of raising for an unusable image.
+        Runs in a thread pool (Pillow and numpy release the GIL), so a batch's images are prepared in parallel,
+        and once per item: both questions share the patches. Returns the error text for an unusable image.
         """
-        from otterhd_ray.data.images import decode_image  # noqa: PLC0415
-        from otterhd_ray.data.processor import resize_image  # noqa: PLC0415
-
-        try:
-            return resize_image(resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution))
-        except ValueError as err:  # BadSample is a ValueError: an unreadable image fails its item only
-            return f"{type(err).__name__}: {err}"[:300]
-
-    def _encode(self, image: Image.Image, text: str) -> tuple[Any, Any]:
         import torch  # noqa: PLC0415
 
-        # The image is already at its final size, so the processor only patchifies and tokenizes. Tokenizing
-        # stays on this thread: HF fast tokenizers are not safe to call from several threads at once.
-        sample = self.processor.encode_prompt(image, text)
-        return torch.as_tensor(sample["input_ids"], dtype=torch.long), torch.from_numpy(sample["patches"])
+        from otterhd_ray.data.images import decode_image  # noqa: PLC0415
+        from otterhd_ray.data.processor import patchify, resize_image  # noqa: PLC0415
+
+        try:
+            image = resize_image(resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution))
+        except ValueError as err:  # BadSample is a ValueError: an unreadable image fails its item only
+            return f"{type(err).__name__}: {err}"[:300]
+        patches_PC, grid = patchify(np.asarray(image, dtype=np.uint8))
+        return torch.from_numpy(patches_PC), grid
+
+    def _prompt_ids(self, grid: tuple[int, int], text: str) -> Any:
+        """The processor's layout for (image of `grid`, text): image tokens + `<s>` + tokenized text + `<0x04>`.
+
+        The text part comes from the processor itself, encoded with a one-patch image whose 3-token prefix
+        (|SPEAKER| |NEWLINE| <s>) is dropped; tokenizing stays on this thread (HF fast tokenizers are not safe
+        to call from several threads). tests/unit/test_eval_predictor.py checks equality with encode_prompt.
+        """
+        import torch  # noqa: PLC0415
+
+        from otterhd_ray.data.processor import image_token_ids  # noqa: PLC0415
+
+        text_ids = self.processor.encode_prompt(_ONE_PATCH_IMAGE, text)["input_ids"][3:]
+        ids = image_token_ids(grid, self.processor.tokens) + [int(t) for t in text_ids]
+        return torch.as_tensor(ids, dtype=torch.long)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(x) for x in batch["id"]]
@@ -141,23 +153,24 @@ class Predictor:
         num_prompt, num_new = np.zeros(n, np.int64), np.zeros(n, np.int64)
         prompts: list[tuple[Any, Any]] = []
         owners: list[tuple[int, str]] = []  # (item index, "mc" | "ff") of each prompt
-        images = list(self._pool.map(self._prepare_image, [bytes(b) for b in batch["image"]]))
-        for i, image in enumerate(images):
-            if isinstance(image, str):
-                errors[i] = image
+        prepared = list(self._pool.map(self._prepare_image, [bytes(b) for b in batch["image"]]))
+        for i, prep in enumerate(prepared):
+            if isinstance(prep, str):
+                errors[i] = prep
                 continue
+            patches, grid = prep
             try:
                 pair = [
-                    self._encode(image, str(batch["mc_text"][i])),
-                    self._encode(image, str(batch["ff_text"][i])),
+                    self._prompt_ids(grid, str(batch["mc_text"][i])),
+                    self._prompt_ids(grid, str(batch["ff_text"][i])),
                 ]
             except ValueError as err:  # e.g. reserved tokens in the text: this item only
                 errors[i] = f"{type(err).__name__}: {err}"[:300]
                 continue
-            for kind, prompt in zip(("mc", "ff"), pair, strict=True):
-                prompts.append(prompt)
+            for kind, prompt_ids in zip(("mc", "ff"), pair, strict=True):
+                prompts.append((prompt_ids, patches))
                 owners.append((i, kind))
-                num_prompt[i] += int(prompt[0].numel())
+                num_prompt[i] += int(prompt_ids.numel())
         import torch  # noqa: PLC0415
 
         start = time.perf_counter()

@@ -52,7 +52,11 @@ def test_both_questions_fixed_length_and_bad_image_isolated(tiny):
     out = pred(_batch([_jpeg(120, 90), b"not an image", _jpeg(64, 48)]))
     assert list(out["id"]) == ["i0", "i1", "i2"]
     assert out["error"][0] == "" and out["error"][2] == ""
-    assert "undecodable_image" in out["error"][1] and out["mc_response"][1] == "" and out["num_new_tokens"][1] == 0
+    assert (
+        "undecodable_image" in out["error"][1]
+        and out["mc_response"][1] == ""
+        and out["num_new_tokens"][1] == 0
+    )
     # stop_ids=[]: exactly 3 new tokens for each of the two questions of a good item
     assert out["num_new_tokens"][0] == 6 and out["num_new_tokens"][2] == 6
     # resolution 60 on a 120x90 image: short side 90 -> 60, 80x60 -> 3x2 patches (+ newline per row) + text
@@ -66,3 +70,21 @@ def test_default_stop_ids_come_from_the_tokenizer(tiny):
     model, tok = tiny
     pred = Predictor.from_model(model, tok, max_new_tokens=2)
     assert fuyu_tokens(tok).end in pred.stop_ids
+
+
+@pytest.mark.parametrize("size", [(120, 90), (31, 29), (2000, 400)])
+def test_prompt_layout_equals_the_processor(tiny, size):
+    """The predictor patchifies once per item and builds ids itself: it must equal encode_prompt exactly."""
+    from otterhd_ray.data.processor import resize_image
+
+    model, tok = tiny
+    pred = Predictor.from_model(model, tok, resolution=-1, max_new_tokens=1)
+    data = _jpeg(*size)
+    patches, grid = pred._prepare_image(data)
+    from otterhd_ray.data.images import decode_image
+
+    image = resize_image(decode_image(data, 10**8))
+    for text in ("User: What color? A. red, B. blue Assistant:", "How many?"):
+        ref = pred.processor.encode_prompt(image, text)
+        assert pred._prompt_ids(grid, text).tolist() == ref["input_ids"].tolist()
+        assert torch.equal(patches, torch.from_numpy(ref["patches"]))
