@@ -1,7 +1,7 @@
 """`python -m otterhd_ray.evaluate --config benchmark.yaml [key.path=value ...]`
 
 The seed's entry point (`python -m pipeline.benchmarks.evaluate --confg benchmark.yaml`, its README's typo)
-works with either spelling. Exit status: 0 done, 2 config error.
+works with either spelling. Exit status: 0 done, 1 a run stopped early (rerun continues it), 2 config / input error.
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"otterhd evaluate: {err}", file=sys.stderr)
         return 2
-    run_evaluation(cfg)
-    return 0
+    try:
+        metrics = run_evaluation(cfg)
+    except ValueError as err:  # a user mistake found before the run (missing model or data)
+        print(f"otterhd evaluate: {err}", file=sys.stderr)
+        return 2
+    # 1: some run stopped early (its finished items are on disk; rerunning continues).
+    return 1 if any(run.get("prediction_error") for run in metrics["runs"]) else 0
 
 
 if __name__ == "__main__":

@@ -412,6 +412,15 @@ def run_evaluation(
     """Evaluate every model on every dataset of `cfg`; write metrics.json / report.md; return the metrics."""
     if predictor_cls is None:
         from otterhd_ray.eval.predictor import Predictor as predictor_cls  # noqa: N813, PLC0415
+
+        if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+            # A local run reads the model on this machine: say so now, not after Ray and the actors start.
+            for model in cfg.models:
+                if not Path(model.model_path).expanduser().is_dir():
+                    raise ValueError(
+                        f"model_path {model.model_path!r} is not a local directory; download the HF model "
+                        "(e.g. adept/fuyu-8b) and point model_path at it"
+                    )
     start = time.perf_counter()
     loaded = {}
     for ds in cfg.datasets:

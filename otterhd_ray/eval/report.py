@@ -63,6 +63,11 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"{t['resumed']} resumed from an earlier run"
         )
         lines.append(f"- per-item results: `{r['results_path']}`")
+        if r.get("prediction_error"):
+            lines.append(
+                f"- **prediction stopped early**: {r['prediction_error']} -- finished items are kept; "
+                "rerun the same config to continue"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -38,3 +38,14 @@ def test_job_script_runs_without_install(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "datasets" in proc.stderr
+
+
+def test_seed_config_without_the_model_is_a_clear_error(tmp_path, capsys):
+    # The seed's YAML as written: its model dir does not exist here -> exit 2 with a message, before any Ray.
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    cfg = (REPO / "configs/benchmark/magnifierbench_seed.yaml").read_text()
+    cfg = cfg.replace("Otter-AI/MagnifierBench", "/work/shared/fixtures/magnifierbench")
+    (tmp_path / "b.yaml").write_text(cfg + f"output_dir: {tmp_path / 'out'}\n")
+    assert main(["--confg", str(tmp_path / "b.yaml")]) == 2
+    assert "azure_storage/fuyu-8b" in capsys.readouterr().err
