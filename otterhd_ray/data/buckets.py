@@ -16,8 +16,9 @@ a multiple of 30: Fuyu cuts 30×30 patches and HF pads the last row/column of pa
 for 1050 pixels of which 26 are padding; 1020 costs the same tokens minus one patch row and pads nothing. The
 aspect ratio moves by at most 15 px per side. ``seed`` mode keeps 448/512/768 exactly, as the seed did.
 
-Choices are deterministic: `sample_rng(seed, epoch, sample_index)` seeds a fresh generator per sample, so the
-size of a sample never depends on which worker processed it or in which order.
+Choices are deterministic: the pipeline draws sample i's size from value i of `epoch_uniforms(seed, epoch, n)`
+(`sample_rng(seed, epoch, i)` gives a per-sample generator for other callers), so a sample's size never depends
+on which worker processed it or in which order.
 
 **Packing.** `pack(samples, max_tokens)` turns processed samples (docs/internals.md "Processed sample") into packed
 micro-batches ("Packed micro-batch") with no padding. `StreamingPacker` keeps a bounded buffer per bucket group;
@@ -53,6 +54,12 @@ DEFAULT_LOOKAHEAD = 4.0
 def sample_rng(seed: int, epoch: int, sample_index: int) -> np.random.Generator:
     """The generator behind every per-sample random choice: a pure function of (seed, epoch, index)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(sample_index), 0xB0C4])
+
+
+def epoch_uniforms(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The uniform draw of every sample of an epoch at once: value i depends only on (seed, epoch, i) —
+    a generator's stream does not depend on how much of it is drawn — and costs nanoseconds per sample."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0xB0C5]).random(n)
 
 
 def _round30(side: float, cap: int) -> int:
@@ -97,15 +104,21 @@ class BucketPolicy:
         return sides
 
     def choose_size(self, native_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        """Target (h, w) for an image of `native_hw`, drawing one uniform number from `rng`."""
+        return self.size_for(native_hw, float(rng.random()))
+
+    def size_for(self, native_hw: tuple[int, int], u: float) -> tuple[int, int]:
+        """Target (h, w) given the uniform draw `u` in [0, 1) (ignored by `nearest`)."""
         h, w = int(native_hw[0]), int(native_hw[1])
         if h <= 0 or w <= 0:
             raise ValueError(f"image size must be positive, got {native_hw}")
         if self.cfg.mode == "seed":
-            side = int(self.cfg.seed_sizes[int(rng.integers(len(self.cfg.seed_sizes)))])
+            sizes = self.cfg.seed_sizes
+            side = int(sizes[min(len(sizes) - 1, int(u * len(sizes)))])
             return side, side
-        sides = self.candidates((h, w))
         if self.cfg.mode == "random":
-            return self._fit((h, w), sides[int(rng.integers(len(sides)))])
+            sides = self.candidates((h, w))
+            return self._fit((h, w), sides[min(len(sides) - 1, int(u * len(sides)))])
         native_long = float(max(h, w))
         sides = [float(s) for s in self.cfg.long_sides] + ([native_long] if self.cfg.native else [])
         return self._fit((h, w), min(sides, key=lambda s: (abs(s - native_long), s)))

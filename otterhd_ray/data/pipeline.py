@@ -51,7 +51,7 @@ import math
 import os
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,10 +70,10 @@ from otterhd_ray.data.buckets import (
     BucketPolicy,
     assemble,
     collate_to_torch,
+    epoch_uniforms,
     num_image_tokens,
     packing_efficiency,
     plan_packs,
-    sample_rng,
 )
 from otterhd_ray.data.mix import EpochPlan, plan_epoch, read_layout, repeat_id
 from otterhd_ray.data.shards import list_shard_files, resolve_filesystem
@@ -203,6 +203,7 @@ def _text_tokens(processor: Any, conversations: Any) -> int:
 
 
 # -------------------------------------------------------------------------------------------- the index
+@lru_cache(maxsize=8)
 def _tokenizer_fingerprint(tokenizer_dir: str) -> str:
     h = hashlib.sha1()
     for name in _TOKENIZER_FILES:
@@ -297,8 +298,11 @@ def _atomic_write_local(table: pa.Table, path: Path) -> None:
             os.unlink(tmp)
 
 
-def load_index(cfg: DataConfig, tokenizer_dir: str, files: Sequence[str]) -> list[pa.Table]:
-    """Index tables for `files`, from the cache or built (in Ray tasks when Ray is up and several are missing)."""
+def load_index(
+    cfg: DataConfig, tokenizer_dir: str, files: Sequence[str]
+) -> tuple[list[pa.Table], list[str]]:
+    """(index tables, file keys) for `files`, from the cache or built (in Ray tasks when Ray is up and several
+    are missing). A file's key changes with its size, mtime and everything else the index depends on."""
     cache = _cache_dir(cfg)
     keys = [_index_key(p, cfg, tokenizer_dir) for p in files]
     tables: list[pa.Table | None] = [None] * len(files)
@@ -320,14 +324,14 @@ def load_index(cfg: DataConfig, tokenizer_dir: str, files: Sequence[str]) -> lis
     for i, table in zip(missing, built, strict=True):
         _atomic_write_local(table, cache / f"{keys[i]}.parquet")
         tables[i] = table
-    return tables  # type: ignore[return-value]
+    return tables, keys  # type: ignore[return-value]
 
 
 def prepare_index(cfg: DataConfig, tokenizer_dir: str | Path) -> int:
     """Build the length index of every file of the mix (call once on the driver before training);
     returns the number of indexed rows."""
     files = [p for d in cfg.datasets for p in list_shard_files(d.path)]
-    return sum(t.num_rows for t in load_index(cfg, str(tokenizer_dir), files))
+    return sum(t.num_rows for t in load_index(cfg, str(tokenizer_dir), files)[0])
 
 
 # ----------------------------------------------------------------------------------------- the schedule
@@ -339,6 +343,7 @@ class EpochSchedule:
     world_size: int
     max_tokens: int
     plan: EpochPlan
+    file_keys: list[str]  # per plan file: changes when the file does (row-group cache key)
     sample_id: list[str]
     sample_source: list[str]
     size_hw: np.ndarray  # int32 [N, 2], 0 for rejected samples
@@ -361,7 +366,7 @@ def schedule_epoch(
     if plan is None:
         layouts = [[read_layout(p, i) for p in list_shard_files(d.path)] for i, d in enumerate(cfg.datasets)]
         plan = plan_epoch(cfg.datasets, cfg.seed, epoch, cfg.shuffle_window, layouts)
-    index = load_index(cfg, str(tokenizer_dir), [f.path for f in plan.files])
+    index, file_keys = load_index(cfg, str(tokenizer_dir), [f.path for f in plan.files])
     cols = [
         {k: t.column(k).to_numpy(zero_copy_only=False) for k in ("height", "width", "text_tokens", "reason")}
         | {"id": t.column("id").to_pylist(), "source": t.column("source").to_pylist(), "detail": t.column("detail")}
@@ -369,6 +374,7 @@ def schedule_epoch(
     ]
     policy = BucketPolicy(cfg.buckets)
     n = len(plan)
+    uniforms = epoch_uniforms(cfg.seed, epoch, n)
     size_hw = np.zeros((n, 2), np.int32)
     length = np.zeros(n, np.int32)
     ids: list[str] = []
@@ -384,7 +390,7 @@ def schedule_epoch(
         if reason:
             rejects.append(_reject(ids[i], sources[i], reason, c["detail"][fr].as_py(), epoch, i, 0))
             continue
-        hw = policy.choose_size((int(c["height"][fr]), int(c["width"][fr])), sample_rng(cfg.seed, epoch, i))
+        hw = policy.size_for((int(c["height"][fr]), int(c["width"][fr])), float(uniforms[i]))
         size_hw[i] = hw
         length[i] = num_image_tokens(hw) + int(c["text_tokens"][fr])
         keep.append(i)
@@ -404,6 +410,7 @@ def schedule_epoch(
         world_size=world_size,
         max_tokens=cfg.max_tokens,
         plan=plan,
+        file_keys=file_keys,
         sample_id=ids,
         sample_source=sources,
         size_hw=size_hw,
@@ -452,7 +459,8 @@ def unit_payload(schedule: EpochSchedule, rank: int, unit: dict[str, Any], cfg: 
         for i in mbs[j].tolist():
             samples.append({
                 "mb": j, "sample_index": i, "id": schedule.sample_id[i], "source": schedule.sample_source[i],
-                "file": plan.files[plan.file[i]].path, "row_group": int(plan.row_group[i]), "row": int(plan.row[i]),
+                "file": plan.files[plan.file[i]].path, "file_key": schedule.file_keys[plan.file[i]],
+                "row_group": int(plan.row_group[i]), "row": int(plan.row[i]),
                 "size": [int(x) for x in schedule.size_hw[i]], "length": int(schedule.length[i]),
             })
     return {
@@ -469,17 +477,13 @@ def preprocess_unit(payload: dict[str, Any]) -> list[dict[str, Any]]:
     from otterhd_ray.data.images import BadSample, decode_image
 
     processor = _processor(payload["tokenizer_dir"], payload["template"])
-    groups: dict[tuple[str, int], pa.Table] = {}
     out = []
     for s in payload["samples"]:
         row = {"unit": payload["unit"], "mb": s["mb"], "sample_index": s["sample_index"], "id": s["id"],
                "source": s["source"], "reason": "", "detail": "", "input_ids": b"", "labels": b"",
                "patches": b"", "bucket_h": 0, "bucket_w": 0, "num_tokens": 0}
         try:
-            key = (s["file"], s["row_group"])
-            if key not in groups:
-                groups[key] = _read_row_group(*key)
-            table = groups[key]
+            table = _read_row_group(s["file"], s["file_key"], s["row_group"])
             data = table.column("image")[s["row"]].as_py()
             conv = table.column("conversations")[s["row"]].as_py()
             size = tuple(s["size"])
@@ -502,10 +506,30 @@ def preprocess_unit(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _read_row_group(path: str, row_group: int) -> pa.Table:
+# Row groups read by this process, most recent last. The plan's window shuffle spreads a read unit over several
+# row groups and each row group over several units; this cache makes each row group cost about one read per
+# worker process and window instead of one per unit (bounded in bytes; it only ever holds shard columns).
+ROW_GROUP_CACHE_BYTES = 256 << 20
+_row_group_cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+row_group_reads = Counter()  # (file key, row group) -> reads from storage in this process (tests, diagnostics)
+
+
+def _read_row_group(path: str, file_key: str, row_group: int) -> pa.Table:
+    key = (file_key, row_group)
+    table = _row_group_cache.get(key)
+    if table is not None:
+        _row_group_cache.move_to_end(key)
+        return table
     fs, inner, _ = resolve_filesystem(path)
     with fs.open_input_file(inner) as handle:
-        return pq.ParquetFile(handle).read_row_group(row_group, columns=["image", "conversations"])
+        table = pq.ParquetFile(handle).read_row_group(row_group, columns=["image", "conversations"])
+    row_group_reads[key] += 1
+    _row_group_cache[key] = table
+    total = sum(t.nbytes for t in _row_group_cache.values())
+    while total > ROW_GROUP_CACHE_BYTES and len(_row_group_cache) > 1:
+        _, old = _row_group_cache.popitem(last=False)
+        total -= old.nbytes
+    return table
 
 
 def _ray_preprocess_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -157,6 +157,16 @@ def test_resume_continues_exactly(data_dir, tmp_path, tiny_tokenizer_dir):
         build_train_iterator(cfg, tiny_tokenizer_dir, 1, 2, 0, start_position=len(reference) + 1)
 
 
+def test_each_row_group_is_read_about_once(data_dir, tmp_path, tiny_tokenizer_dir):
+    from otterhd_ray.data import pipeline
+
+    pipeline.row_group_reads.clear()
+    pipeline._row_group_cache.clear()
+    cfg = _cfg(data_dir, tmp_path, preprocess_batch_size=2)  # many small units spread over the row groups
+    _run(cfg, tiny_tokenizer_dir, world=1)
+    assert pipeline.row_group_reads and max(pipeline.row_group_reads.values()) == 1
+
+
 def test_epochs_reshuffle_deterministically(data_dir, tmp_path, tiny_tokenizer_dir):
     cfg = _cfg(data_dir, tmp_path)
     e0, e0b, e1 = (schedule_epoch(cfg, tiny_tokenizer_dir, e, 2) for e in (0, 0, 1))

@@ -16,6 +16,7 @@ from otterhd_ray.data.buckets import (
     StreamingPacker,
     assemble,
     collate_to_torch,
+    epoch_uniforms,
     num_image_tokens,
     pack,
     packing_efficiency,
@@ -55,6 +56,16 @@ def test_choice_is_a_pure_function_of_seed_epoch_index():
     b = [policy.choose_size((1200, 900), sample_rng(7, 2, i)) for i in range(50)]
     c = [policy.choose_size((1200, 900), sample_rng(7, 3, i)) for i in range(50)]
     assert a == b and a != c
+
+
+def test_epoch_uniforms_are_per_index_and_size_for_agrees_with_choose_size():
+    u = epoch_uniforms(5, 1, 1000)
+    assert np.array_equal(u[:10], epoch_uniforms(5, 1, 10))  # value i does not depend on the epoch's size
+    assert not np.array_equal(u[:10], epoch_uniforms(5, 2, 10))
+    policy = _policy(mode="random")
+    rng = np.random.default_rng(3)
+    expected = policy.size_for((1200, 900), float(np.random.default_rng(3).random()))
+    assert policy.choose_size((1200, 900), rng) == expected
 
 
 def test_small_image_gets_native_or_smallest_side():
