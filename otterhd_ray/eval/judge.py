@@ -194,7 +194,9 @@ def parse_retry_after(headers: Any) -> float | None:
         return None
 
 
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
+def backoff_delay(
+    attempt: int, base: float, cap: float, retry_after: float | None, rng: random.Random
+) -> float:
     """Full-jitter exponential backoff (attempt 0 = first retry); a server's Retry-After is a floor."""
     delay = rng.uniform(0.0, min(cap, base * (2.0**attempt)))
     if retry_after is not None:
@@ -239,7 +241,9 @@ class OpenAIJudge:
         if not api_key:
             raise ValueError("the OpenAI judge needs an API key (OPENAI_API_KEY or the config's api_key)")
         if cfg.api_type == "azure" and not (cfg.base_url and cfg.api_version):
-            raise ValueError("judge.api_type azure needs judge.base_url (the Azure endpoint) and judge.api_version")
+            raise ValueError(
+                "judge.api_type azure needs judge.base_url (the Azure endpoint) and judge.api_version"
+            )
         self.cfg = cfg
         self._api_key = api_key
         self.cache = cache
@@ -365,7 +369,9 @@ class RuleJudge:
         return JudgeResult(request.item_id, self.verdict(request), reply="rule", attempts=1)
 
 
-def make_judge(cfg: JudgeConfig, api_key: str | None, cache_path: str | Path | None) -> OpenAIJudge | RuleJudge:
+def make_judge(
+    cfg: JudgeConfig, api_key: str | None, cache_path: str | Path | None
+) -> OpenAIJudge | RuleJudge:
     """auto -> OpenAI judge when a key is known, else the rule judge; openai without a key is an error."""
     if cfg.kind == "rule" or (cfg.kind == "auto" and not api_key):
         return RuleJudge()

@@ -176,12 +176,14 @@ def _plain(value: Any) -> Any:
 
 
 def _prediction_record(
-    item: BenchItem, out: dict[str, Any], mc_text: str, fingerprint: str
+    item: BenchItem, out: dict[str, Any], mc_question: str, mc_text: str, fingerprint: str
 ) -> dict[str, Any]:
     return {
         "fingerprint": fingerprint,
         "id": item.id,
-        "mc_question": mc_text,
+        # The seed's question (prompt + instruction): what the legacy parser reads its options from.
+        "mc_question": mc_question,
+        "mc_model_input": mc_text,
         "mc_response": str(out.get("mc_response", "")),
         "answer": item.answer,
         "options": item.options,
@@ -265,7 +267,8 @@ def evaluate_one(
         try:
             for out in _predict_stream(cfg, model, rows, predictor_cls):
                 item = items[str(out["id"])]
-                rec = _prediction_record(item, out, mc_texts[item.id], fingerprint)
+                question = mc_prompt(item.instruction, dataset.prompt)
+                rec = _prediction_record(item, out, question, mc_texts[item.id], fingerprint)
                 predictions.write(rec)
                 if rec["error"]:
                     failed[item.id] = rec["error"]

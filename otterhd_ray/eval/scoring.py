@@ -18,7 +18,9 @@ import re
 import string
 from typing import Literal
 
-_PHRASE_RE = re.compile(r"\b(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])", re.I)
+_PHRASE_RE = re.compile(
+    r"\b(?:the\s+)?(?:correct\s+)?answer\s*(?:is|:)\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])", re.I
+)
 _WHOLE_LETTER_RE = re.compile(r"^\(?([A-Z])\)?[.)]?$")
 _LEADING_LETTER_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.):])(?:\s|$)")
 _ARTICLES = ("a ", "an ", "the ")

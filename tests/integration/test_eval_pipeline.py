@@ -152,6 +152,18 @@ def test_rule_judge_crash_then_resume(local_ray, bench_dir, tmp_path, monkeypatc
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["runs"][0]["counts"]["evaluated"] == len(answers)
 
+    # Switching to the seed's parser re-scores the stored answers (nothing is predicted again) and adds the
+    # seed-denominator numbers; the parser sees the seed's question, not the model's chat-formatted input.
+    legacy = run_evaluation(
+        cfg.model_copy(update={"mc_parse": "legacy"}), predictor_cls=FakePredictor, print_report=False
+    )["runs"][0]
+    assert legacy["timing"]["predicted_this_run"] == 0 and legacy["mc_parse"] == "legacy"
+    assert legacy["counts"]["mc_correct"] == expected
+    assert legacy["mc_accuracy_seed_denominator"] == pytest.approx(expected / legacy["counts"]["rows"])
+    rec = json.loads(Path(legacy["results_path"]).read_text().splitlines()[0])
+    assert rec["mc_question"].startswith("Answer directly. ") and "Assistant:" not in rec["mc_question"]
+    assert rec["mc_model_input"] == f"User: {rec['mc_question']} Assistant:"
+
 
 @pytest.mark.timeout(120)
 def test_openai_judge_through_flaky_server(local_ray, bench_dir, tmp_path, monkeypatch, caplog, capsys):
