@@ -11,6 +11,10 @@ a host sync), and every micro-batch's backward uses `loss_sum * world_size / ste
 gradient mean divides by `world_size` again. The last step of an epoch may have fewer micro-batches (no data is
 dropped; the seed's "epoch" stopped half-way).
 
+Reporting: metrics go to the sinks of `metrics.py` (log line, JSONL history, wandb, Prometheus) every
+`log_every_steps`; `ray.train.report` is called only with a checkpoint. Each Train V2 report waits for the
+controller's next poll (a 1-slot queue, ~2 s), so reporting metrics every few steps would stall fast steps.
+
 Host syncs: none per step. The window accumulators (`metrics.py`) are read every `log_every_steps`; the only
 other reads are ints the packer computed on the host.
 """
@@ -83,6 +87,13 @@ class RayContext:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            # Train V2 hands a report to the controller through a 1-slot queue polled every ~2 s: a worker that
+            # dies before the poll loses its report, and the checkpoint is never registered (so a restart would
+            # go back further). Waiting for the commit makes "reported" mean "resumable".
+            from ray.train import CheckpointConsistencyMode
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -331,8 +342,6 @@ def _run(
                 sink.log(last, total)
                 if want_ckpt:
                     checkpoint_and_report(last)
-                else:
-                    ctx.report(last)
             faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()

@@ -125,6 +125,11 @@ def _run(cfg: FinetuneConfig, root: Path, resume_from=None, **extras) -> LocalCo
     return ctx
 
 
+def _history(out: Path) -> list[dict]:
+    """The metrics logged every `log_every_steps` (the JSONL sink; Ray only gets checkpoint reports)."""
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def full_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -133,21 +138,22 @@ def full_run(data_dir, tmp_path_factory):
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(data_dir, tmp_path, full_run):
-    _, full, _ = full_run
-    losses = {r["step"]: r["loss"] for r in full.reports}
+    _, _, full_out = full_run
+    full_history = _history(full_out)
+    losses = {r["step"]: r["loss"] for r in full_history}
     assert len(losses) >= 6
     cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
     with pytest.raises(InjectedStop):
         _run(cfg, tmp_path / "ckpt", stop_after_step=4)  # crashes one step after the checkpoint at step 3
     ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]  # what survived the crash
     assert ckpt.name == "checkpoint_000003"
-    resumed = _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
-    steps = [r["step"] for r in resumed.reports]
-    assert steps[0] == 4 and steps[-1] == max(losses)
-    for r in resumed.reports:
+    _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
+    resumed = [r for r in _history(tmp_path) if r["resumed_from_step"] == 3]
+    assert [r["step"] for r in resumed] == list(range(4, max(losses) + 1))
+    for r in resumed:
         # same weights, optimizer moments, LR schedule, data position and RNG: the same losses to fp32 noise
         assert r["loss"] == pytest.approx(losses[r["step"]], rel=1e-5, abs=1e-6), r["step"]
-        assert r["lr"] == pytest.approx(next(x["lr"] for x in full.reports if x["step"] == r["step"]))
+        assert r["lr"] == pytest.approx(next(x["lr"] for x in full_history if x["step"] == r["step"]))
 
 
 def test_each_epoch_sees_every_sample_once_in_a_new_order(full_run):
@@ -165,19 +171,24 @@ def test_each_epoch_sees_every_sample_once_in_a_new_order(full_run):
     order0 = [ids[0].file_row[i] for i in range(20)]
     order1 = [ids[1].file_row[i] for i in range(20)]
     assert order0 != order1  # a new order each epoch
-    assert full.reports[-1]["lr"] == 0.0  # the schedule ended exactly at the last step
+    assert _history(out)[-1]["lr"] == 0.0  # the schedule ended exactly at the last step
+    last_step = _history(out)[-1]["step"]
+    expected = list(range(3, last_step + 1, 3)) + ([last_step] if last_step % 3 else [])
+    assert [r["step"] for r in full.reports] == expected  # Ray gets checkpoint reports only (every 3 + the end)
 
 
 def test_loss_falls_and_metrics_are_complete(full_run):
     _, full, out = full_run
-    losses = [r["loss"] for r in full.reports]
+    history = _history(out)
+    assert [h["step"] for h in history] == list(range(1, len(history) + 1))  # log_every_steps=1
+    losses = [r["loss"] for r in history]
     assert losses[-1] < losses[0] - 0.05
-    last = full.reports[-1]
+    last = history[-1]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "data_wait_fraction", "step", "epoch"):
         assert key in last and last[key] is not None
     assert last["mfu"] is None  # no peak FLOPs on CPU: omitted rather than invented
-    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [r["step"] for r in full.reports]
+    assert last["samples_seen"] == 2 * 20  # global count, both epochs
+    assert full.reports[-1] == last  # the final checkpoint carries the last window's metrics
 
 
 def test_export_loads_in_transformers_with_identical_logits(full_run, tmp_path):
