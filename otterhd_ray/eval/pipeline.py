@@ -192,6 +192,7 @@ def _prediction_record(
         "ff_answer": item.answer_text,
         "num_prompt_tokens": int(out.get("num_prompt_tokens", 0)),
         "num_new_tokens": int(out.get("num_new_tokens", 0)),
+        "generate_s": float(out.get("generate_s", 0.0)),  # this item's share of its batch's generate call
         "error": str(out.get("error", "")),
     }
 
@@ -261,6 +262,7 @@ def evaluate_one(
     prediction_error = ""
     predict_start = time.perf_counter()
     predicted = 0
+    generate_s = 0.0
     if todo:
         rows = _model_inputs(todo, model, dataset)
         mc_texts = {r["id"]: r["mc_text"] for r in rows}
@@ -274,6 +276,7 @@ def evaluate_one(
                     failed[item.id] = rec["error"]
                     continue
                 predicted += 1
+                generate_s += rec["generate_s"]
                 if dataset.debug:
                     log.info(
                         "%s: MC %r -> %r | FF %r -> %r",
@@ -319,6 +322,7 @@ def evaluate_one(
         prediction_error,
         wall_s=time.perf_counter() - start,
         predict_s=predict_s,
+        generate_s=generate_s,
         predicted=predicted,
         resumed=resumed,
     )
@@ -351,6 +355,7 @@ def _run_metrics(
     predict_s,
     predicted,
     resumed,
+    generate_s=0.0,
 ) -> dict[str, Any]:
     parsed = sum(1 for r in recs if r["mc_pred"] is not None)
     mc_correct = sum(1 for r in recs if r["mc_correct"])
@@ -397,6 +402,10 @@ def _run_metrics(
             "predicted_this_run": predicted,
             "resumed": resumed,
             "items_per_s": _ratio(predicted, predict_s) if predicted else None,
+            # Time inside the model's generate only (summed over actors): the steady-state rate of one actor,
+            # without actor start-up, model loading and image preparation.
+            "generate_s": generate_s,
+            "items_per_generate_s": _ratio(predicted, generate_s) if predicted and generate_s > 0 else None,
         },
         "prediction_error": prediction_error,
         "results_path": str(run_dir / RESULTS_FILE),

@@ -60,7 +60,8 @@ def format_report(metrics: dict[str, Any]) -> str:
         lines.append(
             f"- time: {_num(t['wall_s'], '{:.1f}')} s total, {t['predicted_this_run']} items predicted this run "
             f"in {_num(t['predict_s'], '{:.1f}')} s ({_num(t['items_per_s'])} items/s incl. actor start-up), "
-            f"{t['resumed']} resumed from an earlier run"
+            f"{t['resumed']} resumed from an earlier run; {_num(t.get('items_per_generate_s'))} items/s per actor "
+            "inside generate"
         )
         lines.append(f"- per-item results: `{r['results_path']}`")
         if r.get("prediction_error"):

@@ -274,7 +274,7 @@ def test_debug_model_end_to_end(local_ray, bench_dir, tmp_path, tiny_tokenizer_d
     assert run["counts"]["judged"] == n and run["mc_accuracy"] is not None
     results = [json.loads(line) for line in Path(run["results_path"]).read_text().splitlines()]
     assert all(r["num_prompt_tokens"] > 0 and 0 < r["num_new_tokens"] <= 2 * 4 for r in results)
-    assert run["timing"]["items_per_s"] > 0
+    assert run["timing"]["items_per_s"] > 0 and run["timing"]["items_per_generate_s"] > 0
 
 
 @pytest.mark.timeout(60)
