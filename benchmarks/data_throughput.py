@@ -9,8 +9,8 @@
    decoding, the seed's squares, and the worst case (every image kept at 1020 px, where draft cannot help).
    Stage times are CPU ms per sample (process CPU time, so other load on a shared machine does not count;
    `--wall` for wall time); "tokenize" is the processor's encode minus its resize and patchify.
-2. **Ray Data** (`--ray`): the real pipeline (`build_train_iterator`, one rank) over a shard of those JPEGs on a
-   local Ray with every CPU of this machine; samples/s divided by the CPUs gives the per-core figure.
+2. **Whole pipeline**, wall clock: `build_train_iterator` (one rank) over a shard of those JPEGs, in-process, and
+   with `--ray` through Ray Data on a local Ray with every CPU of this machine (samples/s / CPUs = per core).
 3. **Packing**: `schedule_epoch` on a synthetic mix (`otterhd data synth`) — real tokens / (micro-batches x
    max_tokens) for several budgets, bucket modes and packer buffers.
 """
@@ -103,29 +103,40 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
     return out
 
 
-def ray_throughput(jpegs: list[bytes], tok_dir: str, work: Path) -> tuple[float, int, int]:
-    import ray
-
+def pipeline_throughput(
+    jpegs: list[bytes], tok_dir: str, work: Path, use_ray: bool
+) -> tuple[float, int, int, float | None]:
+    """Wall-clock samples/s of the whole pipeline (`build_train_iterator`, one rank, epoch 1 after a warm-up
+    epoch 0 that builds the index and starts the workers), in-process or through Ray Data on every CPU."""
     from otterhd_ray.data.pipeline import build_train_iterator
     from otterhd_ray.data.shards import ShardWriter
 
-    with ShardWriter(work / "shards", rows_per_group=16, overwrite=True) as w:
-        for i, data in enumerate(jpegs):
-            w.write({"id": f"b{i}", "image": data, "image_id": f"b{i}", "conversations": CONV, "source": "bench"})
+    shards = work / "shards"
+    if not shards.exists():
+        with ShardWriter(shards, rows_per_group=16, overwrite=True) as w:
+            for i, data in enumerate(jpegs):
+                w.write({"id": f"b{i}", "image": data, "image_id": f"b{i}", "conversations": CONV,
+                         "source": "bench"})
     cpus = os.cpu_count() or 1
-    cfg = DataConfig(datasets=[{"name": "bench", "path": str(work / "shards")}], max_tokens=16384,
+    cfg = DataConfig(datasets=[{"name": "bench", "path": str(shards)}], max_tokens=16384,
                      index_cache_dir=str(work / "index"), preprocess_batch_size=8, preprocess_concurrency=cpus)
-    ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False)
+    if use_ray:
+        import ray
+
+        ray.init(num_cpus=cpus + 2, include_dashboard=False, log_to_driver=False)
     try:
-        list(build_train_iterator(cfg, tok_dir, 0, 1, 0, use_ray=True))  # warm-up: index, worker imports
-        t0 = time.perf_counter()
-        it = build_train_iterator(cfg, tok_dir, 0, 1, 1, use_ray=True)
+        list(build_train_iterator(cfg, tok_dir, 0, 1, 0, use_ray=use_ray))
+        t0, c0 = time.perf_counter(), time.process_time()
+        it = build_train_iterator(cfg, tok_dir, 0, 1, 1, use_ray=use_ray)
         for _ in it:
             pass
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
-        ray.shutdown()
-    return it.stats.num_samples / seconds, it.stats.num_samples, cpus
+        if use_ray:
+            ray.shutdown()
+    # In-process, this process's CPU time is the whole cost; with Ray the work runs in other processes.
+    n = it.stats.num_samples
+    return n / seconds, n, cpus if use_ray else 1, None if use_ray else n / cpu
 
 
 def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
@@ -196,10 +207,17 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
-    if args.ray:
-        rate, n, cpus = ray_throughput(make_jpegs(args.images, False), tok_dir, work)
-        print(f"\nRay Data pipeline (build_train_iterator, 1 rank, random buckets, draft on, {n} synth-scene "
-              f"JPEGs, {cpus} CPUs): {rate:.1f} samples/s = {rate / cpus:.1f} samples/s/core")
+    jpegs = make_jpegs(args.images, False)
+    load = os.getloadavg()[0]
+    print(f"\n| whole pipeline (load average {load:.1f}) | samples | wall samples/s | CPUs | wall samples/s/CPU "
+          "| samples per CPU-second |")
+    print("|---|---|---|---|---|---|")
+    for use_ray in ([False, True] if args.ray else [False]):
+        rate, n, cpus, per_cpu_s = pipeline_throughput(jpegs, tok_dir, work, use_ray)
+        name = "Ray Data map_batches (tasks)" if use_ray else "in-process (no Ray)"
+        cpu_col = f"{per_cpu_s:.0f}" if per_cpu_s else "n/a (other processes)"
+        print(f"| {name}, random buckets, synth-scene JPEGs | {n} | {rate:.1f} | {cpus} | {rate / cpus:.1f} "
+              f"| {cpu_col} |")
 
     print("\n| buckets | max_tokens | packer buffer | micro-batches | samples | packing efficiency |")
     print("|---|---|---|---|---|---|")

@@ -26,14 +26,22 @@ How it works (and why):
    Hence every rank yields the same number of micro-batches (DeepSpeed hangs otherwise, ray#66085), and every
    accepted sample is in exactly one micro-batch of exactly one rank.
 3. **Read + preprocess**: a rank's micro-batches are grouped into read units (consecutive micro-batches, at
-   least `preprocess_batch_size` samples); a unit reads each row group it needs once, then decodes, resizes,
-   patchifies and tokenizes. With Ray initialised this is a Ray Data `map_batches` over the units (tasks,
-   `preprocess_concurrency`, order preserved), otherwise the same function runs in-process. A row that fails
-   here (e.g. a truncated JPEG whose header was fine) becomes a reject; its micro-batch is assembled without
-   it, or replaced by a filler if nothing is left, so the count never changes.
+   least `preprocess_batch_size` samples); a unit reads the row groups it needs (through a byte-bounded
+   per-process cache, so a row group is read about once per worker and shuffle window), then decodes (JPEG draft
+   decoding when `data.draft_decode`), resizes, patchifies and tokenizes. With Ray initialised and a CPU free
+   this is a Ray Data `map_batches` over the units (tasks, `preprocess_concurrency`, order preserved); otherwise
+   the same function runs in-process. A row that fails here (e.g. a truncated JPEG whose header was fine)
+   becomes a reject; its micro-batch is assembled without it, or replaced by a filler if nothing is left, so
+   the count never changes.
 4. **Resume**: `position` = number of micro-batches this rank consumed in `epoch` (equal on all ranks at a step
-   boundary). `start_position=p` skips micro-batches < p without reading them (only the rest of the read unit
-   holding p is re-decoded, to rewrite its rejects file completely); nothing is skipped or repeated.
+   boundary). `start_position=p` skips micro-batches < p without reading them, except those sharing a read
+   unit with p: they are decoded again, not yielded, so that unit's rejects file is rewritten whole. Nothing is
+   skipped or repeated, and the stats count only what this iterator yielded.
+
+Yielded micro-batches also carry `epoch`, `position`, `is_filler` and `sample_id` (list of str). The `source` of
+a sample (stats, rejects) is the name of its mix entry. Cost: scheduling 200k samples took 3.7 s on this 2-CPU
+sandbox (every rank does it once per epoch; the index is cached). Multi-node: point `data.index_cache_dir` at a
+shared file system, or each node builds its own index.
 
 Rejects go to `data.rejects_path` (parquet: id, source, reason, detail, epoch, sample_index, rank):
 `epoch-EEEE/plan.parquet` (written and counted by rank 0, when starting at position 0) and

@@ -206,10 +206,19 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
     cfg = _cfg(data_dir, tmp_path, preprocess_concurrency=2)
     schedule = schedule_epoch(cfg, tiny_tokenizer_dir, 0, 2)
     local = list(build_train_iterator(cfg, tiny_tokenizer_dir, 0, 2, 0, schedule=schedule, use_ray=False))
+    local_rank1 = [mb["sample_index"].tolist()
+                   for mb in build_train_iterator(cfg, tiny_tokenizer_dir, 1, 2, 0, schedule=schedule, use_ray=False)]
+
+    def in_worker(rank: int) -> tuple[list, bool]:
+        # What a Ray Train worker does: build its own iterator; auto mode picks Ray Data (Ray is up, CPUs free).
+        it = build_train_iterator(cfg, tiny_tokenizer_dir, rank, 2, 0)
+        return [mb["sample_index"].tolist() for mb in it], it.use_ray
+
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     try:
         it = build_train_iterator(cfg, tiny_tokenizer_dir, 0, 2, 0, schedule=schedule, use_ray=True)
         remote = list(it)
+        from_worker, used_ray = ray.get(ray.remote(num_cpus=0.5)(in_worker).remote(1), timeout=180)
     finally:
         ray.shutdown()
     assert len(remote) == len(local)
@@ -217,3 +226,4 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
         for key in ("input_ids", "target_ids", "position_ids", "cu_seqlens", "patches", "sample_index"):
             assert torch.equal(a[key], b[key]), key
     assert isinstance(it.stats, PipelineStats) and it.stats.num_samples > 0
+    assert used_ray and from_worker == local_rank1
