@@ -224,6 +224,35 @@ def _stop_head(proc: subprocess.Popen) -> None:
             pass
 
 
+# Runs in its own session next to the head: if pytest itself is killed (a `timeout` around the test run), no
+# `finally` runs, so this takes the head's whole session down once the pytest process is gone.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+owner, sid, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def session():
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+while os.path.exists(f"/proc/{owner}") and session():
+    time.sleep(2)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in session():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    time.sleep(5)
+if not os.path.exists(f"/proc/{owner}"):
+    shutil.rmtree(temp_dir, ignore_errors=True)
+"""
+
+
 def _demo_config(src: Path, work: Path) -> dict[str, Any]:
     return yaml.safe_load(src.read_text().replace("demo_output", str(work)))
 
@@ -255,6 +284,8 @@ def head() -> Iterator[Head]:
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(proc.pid), str(temp_dir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     judge = scraper = None
     try:
         url = f"http://127.0.0.1:{dash}"
@@ -280,6 +311,8 @@ def head() -> Iterator[Head]:
         if judge is not None:
             judge.close()
         _stop_head(proc)
+        watchdog.terminate()
+        watchdog.wait(timeout=10)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
