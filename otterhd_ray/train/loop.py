@@ -252,12 +252,15 @@ def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None 
     cfg = FinetuneConfig.model_validate(config_dict["config"])
     ctx = ctx or RayContext()
     rank, world = ctx.rank, ctx.world_size
-    _seed_everything(cfg.train.seed + rank)
     device = _device(cfg, ctx.local_rank)
 
     model_factory: Callable[..., torch.nn.Module] = config_dict.get("model_factory") or build_model_for
     data_factory: Callable[..., DataSource] = config_dict.get("data_source_factory") or build_data_source
+    # The same seed on every rank for the initial weights (DeepSpeed broadcasts rank 0's anyway; this keeps a
+    # ZeRO-3 or torch run correct without relying on it), then a per-rank stream for everything else.
+    _seed_everything(cfg.train.seed)
     model = model_factory(cfg, device)
+    _seed_everything(cfg.train.seed + 1000 * (rank + 1))
     data = data_factory(cfg, rank, world)
     steps_per_epoch = plan_steps(cfg, data)
     total_steps = sum(steps_per_epoch)

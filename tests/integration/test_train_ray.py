@@ -119,3 +119,23 @@ def test_zero3_two_workers_train_and_rerun_resumes(ray_local, data_dir, tmp_path
     run_finetune(cfg)
     history2 = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert history2 == history
+
+
+def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path):
+    # configs/finetune/demo.yaml as committed (2 CPU workers, ZeRO-2 fp32, demo_data), paths moved to tmp.
+    from otterhd_ray.train.trainer import run_finetune
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_finetune_config(root / "configs/finetune/demo.yaml", [
+        f"data.datasets=[{{name: synth, path: {tmp_path / 'data' / 'train'}, num_samples: 48}}]",
+        f"data.tokenizer_path={tmp_path / 'tokenizer'}", f"data.rejects_path={tmp_path / 'rejects'}",
+        f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
+        f"train.output_dir={tmp_path / 'out'}",
+    ])
+    result = run_finetune(cfg)
+    history = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history]
+    assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
+    assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == 3 * 48
+    assert result.checkpoint is not None
+    assert (tmp_path / "out" / "hf" / "config.json").is_file()
