@@ -177,16 +177,25 @@ def sync(device: torch.device) -> None:
 
 
 def run_steps(step, batches: list[dict], warmup: int, device: torch.device) -> dict:
-    for b in batches[:warmup]:
+    """Warm up (`warmup` batches; -1: one whole pass, so every shape is compiled first), then time one pass."""
+    for b in batches if warmup < 0 else batches[:warmup]:
         step(b)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    events = []
     t0 = time.perf_counter()
     for b in batches:
+        if device.type == "cuda":
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
         step(b)
+    if device.type == "cuda":
+        events.append(torch.cuda.Event(enable_timing=True))
+        events[-1].record()
     sync(device)
     elapsed = time.perf_counter() - t0
+    step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(events[:-1], events[1:], strict=True)]
     real = sum(b["real_tokens"] for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
     return {
@@ -197,6 +206,7 @@ def run_steps(step, batches: list[dict], warmup: int, device: torch.device) -> d
         "samples_per_s": sum(b["samples"] for b in batches) / elapsed,
         "padding_fraction": 1 - real / padded,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+        "step_ms": step_ms,
     }
 
 
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fused-ops", default="auto")
     p.add_argument("--checkpointing", default="none")
     p.add_argument("--loss-chunk-size", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up batches; -1: one whole pass (default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -345,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         if "time_s" in r:
             r["useful_mfu"] = flops / r["time_s"] / peak if peak == peak else float("nan")
         results[stack] = r
-        log(f"   {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})}")
+        log(f"   {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != 'step_ms'})}")
+        log(f"   step ms: {r.get('step_ms')}")
 
     base = max((r.get("real_tokens_per_s", 0) for k, r in results.items() if k.startswith("hf_")), default=0)
     header = f"{'stack':<16}{'batch':>8}{'tokens/s':>11}{'samples/s':>11}{'step s':>9}{'peak GiB':>10}{'pad %':>7}{'MFU %':>7}{'x HF':>7}"

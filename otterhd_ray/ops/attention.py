@@ -59,15 +59,23 @@ def available_backends(device: torch.device | str) -> list[str]:
     return out
 
 
-def resolve_attention(name: str, device: torch.device | str) -> str:
-    """Turn a configured name (`auto` included) into a backend that runs on `device`, or raise ValueError."""
+# FlashAttention kernels (flash-attn, torch's varlen_attn) take only half-precision inputs.
+_HALF_ONLY = ("flash", "varlen")
+
+
+def resolve_attention(name: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Turn a configured name (`auto` included) into a backend that runs on `device` in `dtype`, or raise."""
     device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name in _HALF_ONLY and not half:
+        raise ValueError(f"attention backend {name!r} needs bf16/fp16 weights, got {dtype}; use 'sdpa' or 'flex'")
     if name == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" and half:
             for candidate in ("flash", "varlen", "flex"):
                 if candidate in available_backends(device):
                     return candidate
-        # On CPU the per-sample SDPA loop is the fastest correct choice (flex is uncompiled there).
+        # On CPU (and for float32 on GPU) the per-sample SDPA loop: flex is uncompiled on CPU and has no CPU
+        # backward; the FlashAttention kernels refuse float32.
         return "sdpa"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")

@@ -197,7 +197,7 @@ def test_build_model_from_config(tiny_tokenizer_dir):
     assert isinstance(m, FuyuForCausalLM) and len(m.layers) == 1
     assert m.config.image_token_id == tok.convert_tokens_to_ids("|SPEAKER|") and m.config.vocab_size >= len(tok)
     with pytest.raises(ValueError, match="not available on cpu"):
-        build_model(ModelConfig(attention="varlen"))
+        build_model(ModelConfig(attention="varlen"), dtype=torch.bfloat16)
     bf16 = build_model(ModelConfig(), dtype=torch.bfloat16)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
 

@@ -55,6 +55,9 @@ def test_resolve_attention_errors_and_auto():
     for name in ("varlen", "flash"):
         with pytest.raises(ValueError, match="not available on cpu"):
             attention.resolve_attention(name, "cpu")
+    with pytest.raises(ValueError, match="bf16"):  # FlashAttention kernels refuse float32 anywhere
+        attention.resolve_attention("varlen", "cuda", torch.float32)
+    assert attention.resolve_attention("auto", "cuda", torch.float32) == "sdpa"
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention.resolve_attention("xformers", "cpu")
 

@@ -177,15 +177,17 @@ class FuyuForCausalLM(nn.Module):
             self.fused_ops = fused_ops
         self._resolved.clear()
 
-    def resolve(self, device: torch.device | str) -> tuple[str, FusedOps]:
-        """The attention backend and fused ops for `device` (checked against the hardware once)."""
+    def resolve(self, device: torch.device | str, dtype: torch.dtype | None = None) -> tuple[str, FusedOps]:
+        """The attention backend and fused ops for `device` and the weights' dtype (checked once)."""
         device = torch.device(device)
-        if device.type not in self._resolved:
-            self._resolved[device.type] = (
-                resolve_attention(self.attention, device),
+        dtype = dtype or self.embed_tokens.weight.dtype
+        key = f"{device.type}:{dtype}"
+        if key not in self._resolved:
+            self._resolved[key] = (
+                resolve_attention(self.attention, device, dtype),
                 resolve_fused_ops(self.fused_ops, device),
             )
-        return self._resolved[device.type]
+        return self._resolved[key]
 
     # ------------------------------------------------------------------------------------------ forward
     def embed(self, input_ids_T: torch.Tensor, patches_PC: torch.Tensor | None) -> torch.Tensor:
@@ -228,6 +230,11 @@ class FuyuForCausalLM(nn.Module):
         cos_TR, sin_TR = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, x_TD.dtype)
         cu_seqlens = cu_seqlens.to(torch.int32)
         ckpt = self.activation_checkpointing if torch.is_grad_enabled() and self.training else "none"
+        if ckpt == "selective" and ops.mode == "compile":
+            # The op-level policy must see the aten ops (matmuls to keep, norms to recompute); a compiled region
+            # is opaque to it (and torch.compile does not run under its dispatch mode), so these layers use the
+            # plain glue.
+            ops = resolve_fused_ops("none", input_ids.device)
         for layer in self.layers:
             fn = functools.partial(self._layer, layer, backend=backend, ops=ops)
             if ckpt == "none":
