@@ -104,7 +104,7 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
 
 
 def pipeline_throughput(
-    jpegs: list[bytes], tok_dir: str, work: Path, use_ray: bool
+    jpegs: list[bytes], num_samples: int, tok_dir: str, work: Path, use_ray: bool
 ) -> tuple[float, int, int, float | None]:
     """Wall-clock samples/s of the whole pipeline (`build_train_iterator`, one rank, epoch 1 after a warm-up
     epoch 0 that builds the index and starts the workers), in-process or through Ray Data on every CPU."""
@@ -114,9 +114,9 @@ def pipeline_throughput(
     shards = work / "shards"
     if not shards.exists():
         with ShardWriter(shards, rows_per_group=16, overwrite=True) as w:
-            for i, data in enumerate(jpegs):
-                w.write({"id": f"b{i}", "image": data, "image_id": f"b{i}", "conversations": CONV,
-                         "source": "bench"})
+            for i in range(num_samples):  # the JPEGs cyclically, so fixed start-up costs weigh little
+                w.write({"id": f"b{i}", "image": jpegs[i % len(jpegs)], "image_id": f"b{i}",
+                         "conversations": CONV, "source": "bench"})
     cpus = os.cpu_count() or 1
     cfg = DataConfig(datasets=[{"name": "bench", "path": str(shards)}], max_tokens=16384,
                      index_cache_dir=str(work / "index"), preprocess_batch_size=8, preprocess_concurrency=cpus)
@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--pack-rows", type=int, default=800)
+    ap.add_argument("--pipeline-samples", type=int, default=384)
+    ap.add_argument("--parts", default="core,pipeline,packing", help="comma list of: core, pipeline, packing")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--wall", action="store_true", help="time stages by wall clock instead of CPU time")
     args = ap.parse_args()
@@ -195,7 +197,8 @@ def main() -> None:
         ("seed squares 448/512/768", BucketPolicy(BucketConfig(mode="seed")), True),
         ("all at 1020 px", None, True),
     ]
-    for noisy in (False, True):
+    parts = set(args.parts.split(","))
+    for noisy in (False, True) if "core" in parts else ():
         jpegs = make_jpegs(args.images, noisy)
         kb = sum(map(len, jpegs)) / len(jpegs) / 1024
         for name, policy, draft in policies:
@@ -212,8 +215,8 @@ def main() -> None:
     print(f"\n| whole pipeline (load average {load:.1f}) | samples | wall samples/s | CPUs | wall samples/s/CPU "
           "| samples per CPU-second |")
     print("|---|---|---|---|---|---|")
-    for use_ray in ([False, True] if args.ray else [False]):
-        rate, n, cpus, per_cpu_s = pipeline_throughput(jpegs, tok_dir, work, use_ray)
+    for use_ray in ([False, True] if args.ray else [False]) if "pipeline" in parts else ():
+        rate, n, cpus, per_cpu_s = pipeline_throughput(jpegs, args.pipeline_samples, tok_dir, work, use_ray)
         name = "Ray Data map_batches (tasks)" if use_ray else "in-process (no Ray)"
         cpu_col = f"{per_cpu_s:.0f}" if per_cpu_s else "n/a (other processes)"
         print(f"| {name}, random buckets, synth-scene JPEGs | {n} | {rate:.1f} | {cpus} | {rate / cpus:.1f} "
@@ -221,7 +224,8 @@ def main() -> None:
 
     print("\n| buckets | max_tokens | packer buffer | micro-batches | samples | packing efficiency |")
     print("|---|---|---|---|---|---|")
-    for mode, max_tokens, buffer, mbs, samples, eff in packing_table(args.pack_rows, tok_dir, work):
+    rows = packing_table(args.pack_rows, tok_dir, work) if "packing" in parts else []
+    for mode, max_tokens, buffer, mbs, samples, eff in rows:
         print(f"| {mode} | {max_tokens} | {buffer} | {mbs} | {samples} | {eff:.2%} |")
 
 
