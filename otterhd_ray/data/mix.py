@@ -134,11 +134,14 @@ def plan_epoch(
         if total == 0 and spec.num_samples != 0:
             raise ValueError(f"dataset {spec.name!r} ({spec.path}) has no rows")
         for repeat, rows in enumerate(_select_rows(total, spec.num_samples, seed, ds_index)):
+            # `rows` is sorted: binary searches split it by file and row group in O(files + row groups).
+            file_cuts = np.searchsorted(rows, starts)
             for f_local, f in enumerate(ds_files):
-                in_file = rows[(rows >= starts[f_local]) & (rows < starts[f_local + 1])] - starts[f_local]
+                in_file = rows[file_cuts[f_local] : file_cuts[f_local + 1]] - starts[f_local]
                 offsets = f.row_group_offsets()
+                rg_cuts = np.searchsorted(in_file, offsets)
                 for rg in range(len(f.row_group_rows)):
-                    sel = in_file[(in_file >= offsets[rg]) & (in_file < offsets[rg + 1])] - offsets[rg]
+                    sel = in_file[rg_cuts[rg] : rg_cuts[rg + 1]] - offsets[rg]
                     if len(sel):
                         chunks.append((file_base + f_local, rg, repeat, sel.astype(np.int32)))
         file_base += len(ds_files)
