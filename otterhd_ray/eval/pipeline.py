@@ -197,6 +197,54 @@ def _prediction_record(
     }
 
 
+class _EvalMetrics:
+    """`ray.util.metrics` for the evaluation (Prometheus export of every Ray node; Grafana's evaluation row).
+
+    Counters `otterhd_eval_items_done`, `otterhd_eval_judge_requests`, `otterhd_eval_judge_retries`,
+    `otterhd_eval_judge_failures` and gauge `otterhd_eval_items_per_s`, tagged by model and dataset. A no-op
+    without Ray (plain pytest, `--no-ray` runs)."""
+
+    def __init__(self, model: str, dataset: str) -> None:
+        self._on = False
+        self._last = {"requests": 0, "retries": 0}
+        self._start = time.perf_counter()
+        self._done = 0
+        try:
+            import ray  # noqa: PLC0415
+
+            if not ray.is_initialized():
+                return
+            from ray.util.metrics import Counter, Gauge  # noqa: PLC0415
+        except ImportError:
+            return
+        keys = ("model", "dataset")
+        self._tags = {"model": model, "dataset": dataset}
+        self._counters = {
+            name: Counter(f"otterhd_eval_{name}", description=f"evaluation {name}", tag_keys=keys)
+            for name in ("items_done", "judge_requests", "judge_retries", "judge_failures")
+        }
+        self._rate = Gauge("otterhd_eval_items_per_s", description="items predicted per second", tag_keys=keys)
+        self._on = True
+
+    def item_predicted(self) -> None:
+        self._done += 1
+        if self._on:
+            self._counters["items_done"].inc(1, tags=self._tags)
+            self._rate.set(self._done / max(time.perf_counter() - self._start, 1e-9), tags=self._tags)
+
+    def item_judged(self, stats: Any, failed: bool) -> None:
+        """Called on the judge's loop after each item: counts the requests/retries made since the last call."""
+        if not self._on:
+            return
+        for name in ("requests", "retries"):
+            now = getattr(stats, name)
+            if now > self._last[name]:
+                self._counters[f"judge_{name}"].inc(now - self._last[name], tags=self._tags)
+            self._last[name] = now
+        if failed:
+            self._counters["judge_failures"].inc(1, tags=self._tags)
+
+
 def evaluate_one(
     cfg: BenchmarkConfig,
     model: BenchModelSpec,
@@ -224,6 +272,7 @@ def evaluate_one(
         cfg.judge, resolve_api_key(dataset, cfg.judge), cfg.judge.cache_path or out_dir / "judge_cache.jsonl"
     )
     runner = _JudgeRunner(judge)
+    ray_metrics = _EvalMetrics(model.display_name, f"{dataset.name}/{dataset.split}")
     predictions = _AppendLog(run_dir / PREDICTIONS_FILE, truncate=not cfg.resume)
     results_log = _AppendLog(run_dir / RESULTS_FILE, truncate=True)
     records: dict[str, dict[str, Any]] = {}
@@ -251,6 +300,7 @@ def evaluate_one(
         )
         records[rec["id"]] = rec
         results_log.write(rec)
+        ray_metrics.item_judged(judge.stats, failed=res.verdict is None)
 
     def submit(rec: dict[str, Any]) -> None:
         futures.append(runner.run(judge_and_record(rec)))
@@ -276,6 +326,7 @@ def evaluate_one(
                     failed[item.id] = rec["error"]
                     continue
                 predicted += 1
+                ray_metrics.item_predicted()
                 generate_s += rec["generate_s"]
                 if dataset.debug:
                     log.info(
