@@ -133,7 +133,8 @@ def _history(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def full_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    cfg = _cfg(data_dir, out, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
+    cfg = _cfg(data_dir, out, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2",
+               "wandb.enabled=true", "wandb.mode=offline", "wandb.project=otterhd-test", "wandb.run_name=full")
     return cfg, _run(cfg, out / "ckpt"), out
 
 
@@ -223,3 +224,10 @@ def test_export_loads_in_transformers_with_identical_logits(full_run, tmp_path):
         mine = ours.logits(ours(ids, patches, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32),
                                 len(ids)))
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_wandb_offline_run_is_written(full_run):
+    _, _, out = full_run
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert list(runs[0].glob("*.wandb")), "no wandb event file"
