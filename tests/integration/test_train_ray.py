@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -139,3 +140,9 @@ def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path)
     assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == 3 * 48
     assert result.checkpoint is not None
     assert (tmp_path / "out" / "hf" / "config.json").is_file()
+    # The loop's ray.util.metrics reach this node's Prometheus export (prefixed `ray_` by Ray).
+    port = ray_local._private.worker._global_node.metrics_export_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("ray_otterhd_train_loss", "ray_otterhd_train_tokens_per_s", "ray_otterhd_train_data_wait_fraction",
+                 "ray_otterhd_train_tokens_total"):
+        assert name in text, name
