@@ -72,6 +72,9 @@ ENGINES = {
     "torch": {"deepspeed": {"enabled": False}},
     "zero2": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True}},
     "zero3": {"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True}},
+    "zero2_offload": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True, "offload_optimizer": True}},
+    "zero3_offload": {"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True, "offload_optimizer": True,
+                                    "offload_params": True}},
 }
 
 
