@@ -247,6 +247,21 @@ class DeepSpeedEngine(Engine):
         return float(self._engine.get_lr()[0])
 
 
+def _single_process_env() -> None:
+    """Launcher variables for a one-rank in-process DeepSpeed run (tests, `ray.num_workers: 0`).
+
+    Without them DeepSpeed goes looking for mpi4py. Under Ray Train the worker group has set them already.
+    """
+    import socket
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:  # a free port: parallel test sessions on one machine must not collide
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
 def build_engine(
     model: nn.Module, cfg: FinetuneConfig, total_steps: int, device: torch.device, world_size: int
 ) -> Engine:
@@ -254,9 +269,9 @@ def build_engine(
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if cfg.deepspeed.enabled:
-        # DeepSpeed looks for mpi4py unless the launcher's env vars are there; torch.distributed already set
-        # them up under Ray Train, and a single in-process run gets defaults here.
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+        if not torch.distributed.is_initialized():
+            if world_size != 1:
+                raise ValueError(f"world_size {world_size} without an initialised torch.distributed group")
+            _single_process_env()
         return DeepSpeedEngine(model, cfg, total_steps, device, world_size)
     return TorchEngine(model, cfg, total_steps, device, ddp=world_size > 1)

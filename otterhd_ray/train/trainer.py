@@ -164,9 +164,6 @@ def _run_in_process(cfg: FinetuneConfig, loop_config: dict[str, Any]) -> _LocalR
 
     root = Path(cfg.ray.storage_path) / cfg.ray.name
     existing = sorted(root.glob("checkpoint_*"))
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(key, value)
     ctx = LocalContext(root, resume_from=existing[-1] if existing else None)
     metrics = train_loop_per_worker(loop_config, ctx)
     latest = ctx.checkpoints[-1] if ctx.checkpoints else (existing[-1] if existing else None)
