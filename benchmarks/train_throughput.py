@@ -272,6 +272,7 @@ def bench_ours(cfg, samples, args, checkpointing, warmup, device, dtype, max_tok
     model = new_model(
         cfg, dtype=dtype, device=device, attention=args.attention, fused_ops=args.fused_ops,
         activation_checkpointing=checkpointing, loss_chunk_size=args.loss_chunk_size,
+        selective_every=args.selective_every,
     ).train()
     backend, ops = model.resolve(device)
     batches = packed_batches(samples, max_tokens, device)
@@ -289,6 +290,8 @@ def bench_ours(cfg, samples, args, checkpointing, warmup, device, dtype, max_tok
             raise
         result = {"error": "out of memory"}
     result.update(attention=backend, fused_ops=ops.mode, checkpointing=checkpointing, max_tokens=max_tokens)
+    if checkpointing == "selective":
+        result["selective_every"] = args.selective_every
     return result
 
 
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default="auto")
     p.add_argument("--fused-ops", default="auto")
     p.add_argument("--checkpointing", default="none")
+    p.add_argument("--selective-every", type=int, default=2, help="selective: every N-th layer; 0: op-level")
     p.add_argument("--loss-chunk-size", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=-1, help="warm-up batches; -1: one whole pass (default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -330,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(samples)} samples, {real_tokens} real tokens; {flops / real_tokens / 1e9:.2f} useful GFLOP/token; "
         f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
     results: dict[str, dict] = {}
-    for stack in args.stacks.split(","):
-        log(f"== {stack}")
+    for spec in args.stacks.split(","):
+        # "ours@32768": the same stack with another packing budget
+        stack, _, tokens = spec.partition("@")
+        max_tokens = int(tokens) if tokens else args.max_tokens
+        log(f"== {spec}")
         t0 = time.perf_counter()
         if stack == "hf_eager":
             bs = [int(x) for x in args.eager_batch_sizes.split(",")]
@@ -340,21 +347,21 @@ def main(argv: list[str] | None = None) -> int:
             bs = [int(x) for x in args.hf_batch_sizes.split(",")]
             r = bench_hf(cfg, samples, "sdpa", stack.endswith("compile"), bs, args.warmup, device, dtype, log)
         elif stack == "ours":
-            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, args.max_tokens)
+            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens)
         elif stack == "ours_nocompile":
             saved = args.fused_ops
             args.fused_ops = "none"
-            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, args.max_tokens)
+            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens)
             args.fused_ops = saved
         elif stack.startswith("ours_"):  # ours_<checkpointing>, e.g. ours_selective / ours_full
-            r = bench_ours(cfg, samples, args, stack[5:], args.warmup, device, dtype, args.max_tokens)
+            r = bench_ours(cfg, samples, args, stack[5:], args.warmup, device, dtype, max_tokens)
         else:
             raise SystemExit(f"unknown stack {stack!r}")
         free(device)  # the stack's model went out of scope with its function
         r["wall_s_incl_warmup_and_compile"] = time.perf_counter() - t0
         if "time_s" in r:
             r["useful_mfu"] = flops / r["time_s"] / peak if peak == peak else float("nan")
-        results[stack] = r
+        results[spec] = r
         log(f"   {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != 'step_ms'})}")
         log(f"   step ms: {r.get('step_ms')}")
 

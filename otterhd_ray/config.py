@@ -78,6 +78,10 @@ class ModelConfig(Strict):
     compile: bool = False
     fused_ops: Literal["auto", "none", "compile", "triton", "liger"] = "auto"
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    selective_every: int = Field(
+        2, ge=0, description="selective: recompute every N-th layer whole (compiles with fused_ops); "
+        "0: op-level policy instead (keep matmul/attention outputs, recompute norms, rotary, relu²)."
+    )
     loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
 

@@ -114,11 +114,13 @@ def test_fused_glue_equals_plain_path(mode):
         assert rel_err(a, b) < 3e-2, name
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_checkpointing_gradients_and_memory(mode):
+@pytest.mark.parametrize("mode,every", [("selective", 2), ("selective", 0), ("full", 2)])
+def test_checkpointing_gradients_and_memory(mode, every):
     torch.manual_seed(3)
     cfg = CFG.replace(hidden_size=1024, intermediate_size=4096, num_heads=16, num_layers=4)
-    model = new_model(cfg, dtype=torch.bfloat16, device=DEV, fused_ops="compile").train()
+    # The op-level policy runs the plain glue, so its reference does too (bf16 compiled vs plain differ slightly).
+    fused = "none" if every == 0 else "compile"
+    model = new_model(cfg, dtype=torch.bfloat16, device=DEV, fused_ops=fused, selective_every=every).train()
     batch = pack([sample(30, 40, 200, i) for i in range(6)])
 
     def run(ckpt):
@@ -136,8 +138,8 @@ def test_checkpointing_gradients_and_memory(mode):
     assert rel_err(loss, ref_loss) < 1e-3
     for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads, strict=True):
         assert rel_err(a, b) < 2e-2, name
-    print(f"{mode}: peak above weights {mem / 2**20:.0f} MiB vs {ref_mem / 2**20:.0f} MiB without checkpointing")
-    assert mem < 0.8 * ref_mem
+    print(f"{mode}/{every}: peak above weights {mem / 2**20:.0f} MiB vs {ref_mem / 2**20:.0f} MiB without checkpointing")
+    assert mem < (0.8 if mode == "full" else 0.95) * ref_mem
 
 
 def test_generate_matches_transformers_on_gpu(tmp_path):

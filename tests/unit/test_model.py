@@ -112,14 +112,14 @@ def test_loss_without_count_and_without_targets(model):
     assert num == 0 and loss_sum.item() == 0.0
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_activation_checkpointing_gradient_parity(mode):
+@pytest.mark.parametrize("mode,every", [("selective", 2), ("selective", 0), ("full", 2)])
+def test_activation_checkpointing_gradient_parity(mode, every):
     torch.manual_seed(2)
     m = new_model(CFG, attention="sdpa").train()
     batch = pack(SAMPLES)
     ref_loss, _ = m.loss(batch)
     ref_grads = torch.autograd.grad(ref_loss, list(m.parameters()))
-    m.set_switches(activation_checkpointing=mode)
+    m.set_switches(activation_checkpointing=mode, selective_every=every)
     loss_sum, _ = m.loss(batch)
     grads = torch.autograd.grad(loss_sum, list(m.parameters()))
     torch.testing.assert_close(loss_sum, ref_loss)
@@ -127,8 +127,8 @@ def test_activation_checkpointing_gradient_parity(mode):
         assert_rel_close(a, b, name)
 
 
-def test_selective_checkpointing_recomputes_only_cheap_ops():
-    """Selective = matmuls and attention kept, norms/rotary/relu² recomputed; full = whole layer recomputed."""
+def test_selective_checkpointing_recomputes_what_it_says():
+    """Op-level: matmuls kept, norms recomputed; layer-level: every N-th layer recomputed; full: every layer."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -142,20 +142,24 @@ def test_selective_checkpointing_recomputes_only_cheap_ops():
             self.counts[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
-    m = new_model(CFG, attention="sdpa").train()
+    m = new_model(CFG.replace(num_layers=4), attention="sdpa").train()
     batch = pack(SAMPLES)
 
-    def counts(mode):
-        m.set_switches(activation_checkpointing=mode)
+    def counts(mode, every=2):
+        m.set_switches(activation_checkpointing=mode, selective_every=every)
         with CountOps() as c:
             m.loss(batch)[0].backward()
         return c.counts
 
-    none, selective, full = counts("none"), counts("selective"), counts("full")
-    matmuls = ("mm", "addmm")
-    assert sum(selective[k] for k in matmuls) == sum(none[k] for k in matmuls)  # no matmul recomputed
-    assert selective["native_layer_norm"] > none["native_layer_norm"]  # norms recomputed
-    assert sum(full[k] for k in matmuls) > sum(none[k] for k in matmuls)  # full recomputes the matmuls too
+    def matmuls(c):
+        return c["mm"] + c["addmm"]
+
+    none, op_level, layers, full = counts("none"), counts("selective", 0), counts("selective", 2), counts("full")
+    assert matmuls(op_level) == matmuls(none)  # op-level: no matmul recomputed...
+    assert op_level["native_layer_norm"] > none["native_layer_norm"]  # ...but the norms are
+    per_layer = (matmuls(full) - matmuls(none)) / 4  # full recomputes every layer's forward matmuls
+    assert per_layer > 0
+    assert matmuls(layers) - matmuls(none) == 2 * per_layer  # every 2nd layer of 4: two layers recomputed
 
 
 def test_generate_batched_equals_one_by_one(model):
