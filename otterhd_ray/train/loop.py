@@ -149,7 +149,7 @@ def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
 
 
 def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
-    """The Fuyu model of `cfg.model` on `device`, in bf16 when training in bf16 (fp32 masters live in ZeRO)."""
+    """The Fuyu model of `cfg.model` on `device` (bf16 for DeepSpeed bf16 runs, else fp32)."""
     from otterhd_ray.models.fuyu.model import build_model
     from otterhd_ray.train.deepspeed import resolve_precision
 
@@ -159,7 +159,9 @@ def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Modul
 
         tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     precision = resolve_precision(cfg.train.precision, device.type == "cuda")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # DeepSpeed bf16 keeps fp32 masters in the optimizer, so the module itself is bf16; the plain torch engine
+    # keeps fp32 weights and autocasts instead (AdamW on bf16 weights would lose small updates).
+    dtype = torch.bfloat16 if precision == "bf16" and cfg.deepspeed.enabled else torch.float32
     return build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
 
 
@@ -310,7 +312,10 @@ def _run(
     last: dict[str, Any] = {}
 
     def checkpoint_and_report(metrics: dict[str, Any]) -> None:
-        tmp = tempfile.mkdtemp(prefix=f"otterhd_ckpt_r{rank}_")
+        # Staged next to the outputs, not in /tmp: an 8B ZeRO checkpoint is tens of GB per node.
+        staging = Path(cfg.train.output_dir) / ".checkpoint_staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"step{state.global_step}_rank{rank}_", dir=staging)
         try:
             save_training_checkpoint(
                 tmp, engine, state, rank, config_json, cfg.data.tokenizer_path, extra_files
