@@ -21,6 +21,7 @@ from otterhd_ray.data.pipeline import (
     PipelineStats,
     build_train_iterator,
     format_stats,
+    prepare_index,
     read_rejects,
     schedule_epoch,
 )
@@ -53,6 +54,9 @@ def data_dir(tmp_path_factory):
     ]
     (root / "extra").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, SHARD_SCHEMA), root / "extra" / "shard-00000.parquet")
+    # A file from elsewhere that lacks the image column altogether: its rows are rejects, the job goes on.
+    no_image = pa.table({"id": ["noimg-0", "noimg-1"], "conversations": [ok, ok], "source": ["extra", "extra"]})
+    pq.write_table(no_image, root / "extra" / "shard-00001.parquet")
     return root
 
 
@@ -116,7 +120,7 @@ def test_every_good_sample_once_equal_counts_and_rejects(data_dir, tmp_path, tin
     rejects = read_rejects(cfg.rejects_path, epoch=0).to_pylist()
     rejected_ids = {r["id"] for r in rejects}
     all_ids = _all_ids(data_dir)
-    must_reject = {i for i in all_ids if i and i.startswith("bad-")} | {"long-0"}
+    must_reject = {i for i in all_ids if i and i.startswith("bad-")} | {"long-0", "noimg-0", "noimg-1"}
     assert must_reject <= rejected_ids
     assert {i for i in all_ids if i and i.startswith("odd-")} <= set(trained_ids)  # converted, not rejected
     # nothing else lost: trained + rejected is every row (the id-less row is rejected under a placeholder id)
@@ -126,7 +130,7 @@ def test_every_good_sample_once_equal_counts_and_rejects(data_dir, tmp_path, tin
     assert reasons["long-0"] == "too_long"
     assert reasons["bad-decompression_bomb-0004"] == "image_too_large"
     assert reasons["bad-truncated_jpeg-0000"] == "truncated_image"  # header fine: caught while decoding
-    assert "missing_id" in reasons.values()
+    assert "missing_id" in reasons.values() and reasons["noimg-1"] == "missing_image"
     assert all(r["source"] for r in rejects) and all(r["sample_index"] >= 0 for r in rejects)
 
     total = stats[0].merge(stats[1])
@@ -134,6 +138,20 @@ def test_every_good_sample_once_equal_counts_and_rejects(data_dir, tmp_path, tin
     assert total.num_micro_batches == 2 * schedule.per_rank
     text = format_stats(total)
     assert "packing efficiency" in text and "too_long=1" in text and "buckets" in text
+
+
+def test_a_sample_longer_than_planned_is_rejected_not_packed(data_dir, tmp_path, tiny_tokenizer_dir):
+    # Safety net behind the exact-length plan: if the processor ever made more tokens than the schedule
+    # predicted, the sample is rejected (length_mismatch) instead of overflowing the micro-batch.
+    cfg = _cfg(data_dir, tmp_path)
+    schedule = schedule_epoch(cfg, tiny_tokenizer_dir, 0, 1)
+    victim = int(schedule.micro_batches[0][0])
+    schedule.length[victim] -= 1
+    mbs = list(build_train_iterator(cfg, tiny_tokenizer_dir, 0, 1, 0, schedule=schedule))
+    assert len(mbs) == schedule.per_rank
+    assert victim not in {i for mb in mbs for i in mb["sample_index"].tolist()}
+    rejects = read_rejects(cfg.rejects_path, epoch=0).to_pylist()
+    assert [r["reason"] for r in rejects if r["sample_index"] == victim] == ["length_mismatch"]
 
 
 def test_resume_continues_exactly(data_dir, tmp_path, tiny_tokenizer_dir):
@@ -219,6 +237,9 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
         it = build_train_iterator(cfg, tiny_tokenizer_dir, 0, 2, 0, schedule=schedule, use_ray=True)
         remote = list(it)
         from_worker, used_ray = ray.get(ray.remote(num_cpus=0.5)(in_worker).remote(1), timeout=180)
+        # the driver-side index warm-up builds missing files' indexes in Ray tasks
+        fresh = cfg.model_copy(update={"index_cache_dir": str(tmp_path / "fresh-index")})
+        num_indexed = prepare_index(fresh, tiny_tokenizer_dir)
     finally:
         ray.shutdown()
     assert len(remote) == len(local)
@@ -227,3 +248,6 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
             assert torch.equal(a[key], b[key]), key
     assert isinstance(it.stats, PipelineStats) and it.stats.num_samples > 0
     assert used_ray and from_worker == local_rank1
+    assert num_indexed == sum(pq.ParquetFile(f).metadata.num_rows
+                              for sub in ("syn/train", "extra") for f in (data_dir / sub).glob("*.parquet"))
+    assert len(list((tmp_path / "fresh-index").glob("*.parquet"))) == 3
