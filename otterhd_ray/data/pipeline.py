@@ -365,6 +365,46 @@ class EpochSchedule:
         return self.micro_batches[start : start + self.per_rank]
 
 
+@dataclass
+class _Sizing:
+    """Per-sample results of looking the plan up in the index (arrays indexed by sample_index)."""
+
+    ids: list[str]
+    sources: list[str]
+    size_hw: np.ndarray  # int32 [N, 2]
+    length: np.ndarray  # int32 [N]
+    keep: list[int]  # accepted sample indices, in epoch order
+    rejects: list[dict[str, Any]]
+
+
+def _size_samples(cfg: DataConfig, plan: EpochPlan, index: list[pa.Table], epoch: int) -> _Sizing:
+    """Ids, bucket sizes and exact token counts of every sample; index-level rejects."""
+    cols = [
+        {k: t.column(k).to_numpy(zero_copy_only=False) for k in ("height", "width", "text_tokens", "reason")}
+        | {"id": t.column("id").to_pylist(), "detail": t.column("detail")}
+        for t in index
+    ]
+    policy = BucketPolicy(cfg.buckets)
+    n = len(plan)
+    uniforms = epoch_uniforms(cfg.seed, epoch, n)
+    out = _Sizing([], [], np.zeros((n, 2), np.int32), np.zeros(n, np.int32), [], [])
+    for i in range(n):
+        f, fr = int(plan.file[i]), int(plan.file_row[i])
+        c = cols[f]
+        out.ids.append(repeat_id(c["id"][fr], int(plan.repeat[i])))
+        out.sources.append(plan.datasets[plan.dataset[i]])  # the mix entry's name: the unit num_samples acts on
+        if c["reason"][fr]:
+            out.rejects.append(
+                _reject(out.ids[i], out.sources[i], c["reason"][fr], c["detail"][fr].as_py(), epoch, i, 0)
+            )
+            continue
+        hw = policy.size_for((int(c["height"][fr]), int(c["width"][fr])), float(uniforms[i]))
+        out.size_hw[i] = hw
+        out.length[i] = num_image_tokens(hw) + int(c["text_tokens"][fr])
+        out.keep.append(i)
+    return out
+
+
 def schedule_epoch(
     cfg: DataConfig, tokenizer_dir: str | Path, epoch: int, world_size: int, plan: EpochPlan | None = None
 ) -> EpochSchedule:
@@ -375,55 +415,34 @@ def schedule_epoch(
         layouts = [[read_layout(p, i) for p in list_shard_files(d.path)] for i, d in enumerate(cfg.datasets)]
         plan = plan_epoch(cfg.datasets, cfg.seed, epoch, cfg.shuffle_window, layouts)
     index, file_keys = load_index(cfg, str(tokenizer_dir), [f.path for f in plan.files])
-    cols = [
-        {k: t.column(k).to_numpy(zero_copy_only=False) for k in ("height", "width", "text_tokens", "reason")}
-        | {"id": t.column("id").to_pylist(), "source": t.column("source").to_pylist(), "detail": t.column("detail")}
-        for t in index
-    ]
+    sz = _size_samples(cfg, plan, index, epoch)
     policy = BucketPolicy(cfg.buckets)
-    n = len(plan)
-    uniforms = epoch_uniforms(cfg.seed, epoch, n)
-    size_hw = np.zeros((n, 2), np.int32)
-    length = np.zeros(n, np.int32)
-    ids: list[str] = []
-    sources: list[str] = []
-    rejects: list[dict[str, Any]] = []
-    keep: list[int] = []
-    for i in range(n):
-        f, fr = int(plan.file[i]), int(plan.file_row[i])
-        c = cols[f]
-        ids.append(repeat_id(c["id"][fr], int(plan.repeat[i])))
-        sources.append(plan.datasets[plan.dataset[i]])  # the mix entry's name: the unit num_samples acts on
-        reason = c["reason"][fr]
-        if reason:
-            rejects.append(_reject(ids[i], sources[i], reason, c["detail"][fr].as_py(), epoch, i, 0))
-            continue
-        hw = policy.size_for((int(c["height"][fr]), int(c["width"][fr])), float(uniforms[i]))
-        size_hw[i] = hw
-        length[i] = num_image_tokens(hw) + int(c["text_tokens"][fr])
-        keep.append(i)
-    keys = [policy.group_key(tuple(size_hw[i])) for i in keep]
     bins, too_long = plan_packs(
-        [int(length[i]) for i in keep], keys, cfg.max_tokens, cfg.max_samples_per_batch, cfg.packing_buffer_size
+        [int(sz.length[i]) for i in sz.keep],
+        [policy.group_key(tuple(sz.size_hw[i])) for i in sz.keep],
+        cfg.max_tokens,
+        cfg.max_samples_per_batch,
+        cfg.packing_buffer_size,
     )
     for pos in too_long:
-        i = keep[pos]
-        detail = f"{int(length[i])} tokens at {size_hw[i][0]}x{size_hw[i][1]} > max_tokens={cfg.max_tokens}"
-        rejects.append(_reject(ids[i], sources[i], TOO_LONG, detail, epoch, i, 0))
-        length[i] = 0
-    keep_arr = np.asarray(keep, np.int64)
-    micro_batches = [keep_arr[np.asarray(b, np.int64)] for b in bins]
+        i = sz.keep[pos]
+        h, w = sz.size_hw[i]
+        detail = f"{int(sz.length[i])} tokens at {h}x{w} > max_tokens={cfg.max_tokens}"
+        sz.rejects.append(_reject(sz.ids[i], sz.sources[i], TOO_LONG, detail, epoch, i, 0))
+        sz.length[i] = 0
+    keep = np.asarray(sz.keep, np.int64)
+    micro_batches = [keep[np.asarray(b, np.int64)] for b in bins]
     return EpochSchedule(
         epoch=int(epoch),
         world_size=world_size,
         max_tokens=cfg.max_tokens,
         plan=plan,
         file_keys=file_keys,
-        sample_id=ids,
-        sample_source=sources,
-        size_hw=size_hw,
-        length=length,
-        plan_rejects=sorted(rejects, key=lambda r: r["sample_index"]),
+        sample_id=sz.ids,
+        sample_source=sz.sources,
+        size_hw=sz.size_hw,
+        length=sz.length,
+        plan_rejects=sorted(sz.rejects, key=lambda r: r["sample_index"]),
         micro_batches=micro_batches,
         per_rank=math.ceil(len(micro_batches) / world_size),
     )
