@@ -13,7 +13,7 @@
 
 Every size is capped to ``native_max_hw`` (HF's 1080×1920 box, aspect kept) and, outside ``seed`` mode, rounded to
 a multiple of 30: Fuyu cuts 30×30 patches and HF pads the last row/column of patches, so a side of 1024 would pay
-for 1050 pixels of which 26 are padding; 1020 costs the same tokens minus one patch row and pads nothing. The
+for 1050 pixels of which 26 are padding; 1020 is one patch row (or column) fewer and pads nothing. The
 aspect ratio moves by at most 15 px per side. ``seed`` mode keeps 448/512/768 exactly, as the seed did.
 
 Choices are deterministic: the pipeline draws sample i's size from value i of `epoch_uniforms(seed, epoch, n)`
@@ -23,11 +23,11 @@ on which worker processed it or in which order.
 **Packing.** `pack(samples, max_tokens)` turns processed samples (docs/internals.md "Processed sample") into packed
 micro-batches ("Packed micro-batch") with no padding. `StreamingPacker` keeps a bounded buffer per bucket group;
 once a group holds `lookahead` (default 4) budgets' worth of tokens, or `buffer_size` samples (the memory cap,
-applied once at least one budget is buffered), it emits one micro-batch: the longest buffered sample, then repeatedly the longest one that still fits (greedy
-first-fit-decreasing over the window). Waiting for several budgets' worth matters: a buffer holding less than one
-budget can only emit an under-filled micro-batch. A sample longer than the budget is rejected with reason
-``too_long`` — never truncated. The same packer runs on bare lengths for the pipeline's
-epoch plan (`plan_packs`), so the plan and `pack` agree.
+applied once at least one budget is buffered), it emits one micro-batch: the longest buffered sample, then
+repeatedly the longest one that still fits (greedy first-fit-decreasing over the window). Waiting for several
+budgets' worth matters: a buffer holding less than one budget can only emit an under-filled micro-batch. A sample
+longer than the budget is rejected with reason ``too_long`` — never truncated. The same packer runs on bare
+lengths for the pipeline's epoch plan (`plan_packs`), so the plan and `pack` agree.
 """
 
 from __future__ import annotations
