@@ -709,7 +709,7 @@ class TrainIterator:
             if j >= p:
                 self.stats.num_micro_batches += 1
                 self.stats.num_fillers += 1
-                yield {**self._filler, "position": j, "is_filler": True, "epoch": self.epoch}
+                yield {**self._filler, "position": j, "is_filler": True, "epoch": self.epoch, "sample_id": []}
 
     def _emit(self, rows: list[dict[str, Any]], start: int, t0: float) -> Iterator[dict[str, Any]]:
         j = int(rows[0]["mb"])
@@ -724,7 +724,7 @@ class TrainIterator:
         st.num_micro_batches += 1
         if not good:
             st.num_fillers += 1
-            yield {**self._filler, "position": j, "is_filler": True, "epoch": self.epoch}
+            yield {**self._filler, "position": j, "is_filler": True, "epoch": self.epoch, "sample_id": []}
             return
         samples = [_row_to_sample(r) for r in good]
         mb = assemble(samples)
