@@ -18,6 +18,7 @@ module calls, not on arbitrary methods).
 from __future__ import annotations
 
 import os
+import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -250,16 +251,14 @@ class DeepSpeedEngine(Engine):
 def _single_process_env() -> None:
     """Launcher variables for a one-rank in-process DeepSpeed run (tests, `ray.num_workers: 0`).
 
-    Without them DeepSpeed goes looking for mpi4py. Under Ray Train the worker group has set them already.
+    Without them DeepSpeed goes looking for mpi4py, and it reads LOCAL_RANK again later, so they stay set.
+    A fresh free port every time: a MASTER_PORT inherited from an earlier run in this process (or its parent)
+    may still be bound. Under Ray Train the worker group has set up torch.distributed and this is not used.
     """
-    import socket
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:  # a free port: parallel test sessions on one machine must not collide
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 
 def build_engine(
@@ -269,9 +268,10 @@ def build_engine(
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     if cfg.deepspeed.enabled:
-        if not torch.distributed.is_initialized():
-            if world_size != 1:
-                raise ValueError(f"world_size {world_size} without an initialised torch.distributed group")
-            _single_process_env()
+        if torch.distributed.is_initialized():
+            return DeepSpeedEngine(model, cfg, total_steps, device, world_size)
+        if world_size != 1:
+            raise ValueError(f"world_size {world_size} without an initialised torch.distributed group")
+        _single_process_env()
         return DeepSpeedEngine(model, cfg, total_steps, device, world_size)
     return TorchEngine(model, cfg, total_steps, device, ddp=world_size > 1)
