@@ -144,8 +144,11 @@ def load_hf(
     hf_to_ours = {v: k for k, v in ours_to_hf.items()}
     if dtype is None:
         dtype = torch.float32
-    model = new_model(cfg, dtype=dtype, device=device, **switches)
+    # Built on the meta device: no random init of billions of weights that are overwritten right away; each
+    # tensor is converted straight to its final dtype/device and assigned.
+    model = new_model(cfg, dtype=dtype, device="meta", **switches)
     params = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
     skipped_layers = {f"{LAYOUTS[layout][0]}layers.{i}." for i in range(cfg.num_layers, _max_layer(keys, layout) + 1)}
     unexpected = []
@@ -160,7 +163,7 @@ def load_hf(
             param = params[ours]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"{hf_key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-            param.copy_(tensor)
+            state[ours] = tensor.to(device=device, dtype=dtype)
             loaded.add(ours)
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
@@ -168,6 +171,7 @@ def load_hf(
             f"checkpoint {root} does not match the Fuyu layout: missing {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
