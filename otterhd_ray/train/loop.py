@@ -281,7 +281,7 @@ def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None 
             f"the checkpoint's run had {state.total_steps} optimizer steps, this config gives {total_steps}: "
             "resume with the same data, epochs, accumulation and workers"
         )
-    return _run(cfg, config_dict, ctx, engine, data, steps_per_epoch, state, device)
+    return _run(cfg, config_dict, ctx, engine, data, state, device)
 
 
 def _run(
@@ -290,7 +290,6 @@ def _run(
     ctx: TrainContext,
     engine: Engine,
     data: DataSource,
-    steps_per_epoch: list[int],
     state: TrainState,
     device: torch.device,
 ) -> dict[str, Any]:
