@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ def peak_flops(device: torch.device) -> float | None:
 def flops_per_token(model: torch.nn.Module, mean_seq_len: float) -> float:
     """Training FLOPs per token (see the module docstring)."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    n_matmul = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embeddings)
+    # ZeRO-3 leaves each rank an empty 1-D shard; DeepSpeed keeps the full shape in `ds_shape`.
+    shapes = [(id(p), tuple(getattr(p, "ds_shape", p.shape))) for p in model.parameters()]
+    n_matmul = sum(math.prod(shape) for pid, shape in shapes if len(shape) >= 2 and pid not in embeddings)
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)

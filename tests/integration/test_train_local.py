@@ -282,3 +282,17 @@ def test_bf16_deepspeed_step_runs(stage):
     assert torch.isfinite(norm) and float(norm) > 0
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     assert engine.lr < before  # the schedule advanced once per optimizer step
+
+
+def test_mfu_flops_count_survives_zero3_partitioning():
+    from otterhd_ray.train.metrics import flops_per_token
+
+    torch.manual_seed(0)
+    model = new_model(CFG, attention="eager")
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and n != "embed_tokens.weight")
+    expected = 6 * matmul + 6 * CFG.num_layers * CFG.hidden_size * 100.0
+    assert flops_per_token(model, 100.0) == expected
+    cfg = FinetuneConfig.model_validate({"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True},
+                                         "train": {"precision": "fp32"}})
+    engine = build_engine(model, cfg, 10, torch.device("cpu"), 1)
+    assert flops_per_token(engine.model, 100.0) == expected  # from ds_shape, not the empty local shards
