@@ -111,6 +111,10 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     checkpoint_every_steps: int = Field(0, ge=0, description="0: only at the end.")
+    checkpoint_at_end: bool = Field(
+        True, description="Checkpoint after the last step. Off only for throughput runs: without it nothing "
+        "is saved and the run cannot be resumed or exported."
+    )
     log_every_steps: int = Field(10, gt=0)
     save_hf_model: bool = False
     output_dir: str = "outputs"

@@ -343,7 +343,8 @@ def _run(
                 state.epoch, state.micro_batch = epoch + 1, 0
             faults.maybe_die(state.global_step)
 
-            want_ckpt = state.global_step >= total or (every and state.global_step % every == 0)
+            at_end = state.global_step >= total and cfg.train.checkpoint_at_end
+            want_ckpt = at_end or bool(every and state.global_step % every == 0)
             if want_ckpt or state.global_step % cfg.train.log_every_steps == 0:
                 last = _window_metrics(window, engine, state, world, flops_tok, peak, resumed_from, epoch)
                 sink.log(last, total)
@@ -390,9 +391,13 @@ def _window_metrics(
     cfg = getattr(engine.model, "config", None)
     attn = 6.0 * getattr(cfg, "num_layers", 0) * getattr(cfg, "hidden_size", 0) * (m["mean_seq_sq"] - 1.0)
     mfu = (m["tokens_per_s_per_worker"] * (flops_tok + max(attn, 0.0)) / peak) if peak else None
+    peak_gib = None
+    if torch.cuda.is_available() and engine.device.type == "cuda":  # host-side allocator counter: no sync
+        peak_gib = torch.cuda.max_memory_allocated(engine.device) / 2**30
     return {
         **{k: v for k, v in m.items() if k != "mean_seq_sq"},
         "mfu": mfu,
+        "peak_memory_gib": peak_gib,
         "step": state.global_step,
         "epoch": epoch,
         "lr": engine.lr,

@@ -170,10 +170,11 @@ class MetricsSink:
         elapsed = time.perf_counter() - self._started
         eta = dt.timedelta(seconds=int(elapsed / done * (total_steps - step))) if done > 0 else "?"
         mfu = f" mfu {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
+        mem = f" mem {m['peak_memory_gib']:.1f}GiB" if m.get("peak_memory_gib") is not None else ""
         return (
             f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.1f}%) epoch {m['epoch'] + 1} "
             f"loss {m['loss']:.4f} lr {m['lr']:.3e} gnorm {m['grad_norm']:.3f} "
-            f"tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.2f}{mfu} "
+            f"tok/s {m['tokens_per_s']:.0f} samples/s {m['samples_per_s']:.2f}{mfu}{mem} "
             f"data-wait {100 * m['data_wait_fraction']:.1f}% eta {eta}"
         )
 

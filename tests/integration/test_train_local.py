@@ -296,3 +296,15 @@ def test_mfu_flops_count_survives_zero3_partitioning():
                                          "train": {"precision": "fp32"}})
     engine = build_engine(model, cfg, 10, torch.device("cpu"), 1)
     assert flops_per_token(engine.model, 100.0) == expected  # from ds_shape, not the empty local shards
+
+
+def test_checkpoint_at_end_off_saves_nothing(data_dir, tmp_path):
+    """Throughput runs (8B width on a small disk) switch the final checkpoint off; periodic ones still work."""
+    cfg = _cfg(data_dir, tmp_path / "out", "train.checkpoint_at_end=false", "train.epochs=1")
+    ctx = _run(cfg, tmp_path / "ckpt")
+    assert ctx.checkpoints == []
+    assert _history(tmp_path / "out")[-1]["step"] > 0
+    cfg = _cfg(data_dir, tmp_path / "out2", "train.checkpoint_at_end=false", "train.epochs=1",
+               "train.checkpoint_every_steps=2")
+    ctx = _run(cfg, tmp_path / "ckpt2")
+    assert [p.name for p in ctx.checkpoints][:1] == ["checkpoint_000002"]
