@@ -103,6 +103,10 @@ class DeepSpeedConfig(Strict):
     offload_optimizer: bool = False
     offload_params: bool = False
     torch_adam: bool = Field(True, description="Use torch AdamW inside DeepSpeed (no JIT fused_adam build).")
+    fused_torch_adam: bool | None = Field(
+        None, description="With torch_adam: hand DeepSpeed torch's fused AdamW kernel (one launch for all "
+        "tensors) instead of DeepSpeed's unfused torch AdamW. None: on GPU without optimizer offload."
+    )
 
 
 class TrainConfig(Strict):

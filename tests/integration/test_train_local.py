@@ -80,6 +80,9 @@ ENGINES = {
     "torch": {"deepspeed": {"enabled": False}},
     "zero2": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True}},
     "zero3": {"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True}},
+    # torch's fused AdamW handed to DeepSpeed as a client optimizer (the GPU default), forced on here on CPU
+    "zero2_fused": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True, "fused_torch_adam": True}},
+    "zero3_fused": {"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True, "fused_torch_adam": True}},
     "zero2_offload": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True, "offload_optimizer": True}},
     "zero3_offload": {"deepspeed": {"enabled": True, "stage": 3, "torch_adam": True, "offload_optimizer": True,
                                     "offload_params": True}},
@@ -308,3 +311,15 @@ def test_checkpoint_at_end_off_saves_nothing(data_dir, tmp_path):
                "train.checkpoint_every_steps=2")
     ctx = _run(cfg, tmp_path / "ckpt2")
     assert [p.name for p in ctx.checkpoints][:1] == ["checkpoint_000002"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_torch_adam_switch_reaches_deepspeed(fused):
+    cfg = FinetuneConfig.model_validate({
+        "deepspeed": {"enabled": True, "stage": 2, "torch_adam": True, "fused_torch_adam": fused},
+        "train": {"precision": "fp32"},
+    })
+    engine = build_engine(new_model(CFG, attention="eager"), cfg, 10, torch.device("cpu"), 1)
+    inner = engine.ds_engine.optimizer.optimizer  # ZeRO's wrapper around the torch optimizer
+    assert isinstance(inner, torch.optim.AdamW)
+    assert bool(inner.defaults.get("fused")) is fused
