@@ -3,7 +3,9 @@
 The model is loaded once, in `__init__`, from an HF directory (ours or adept/fuyu-8b's layout) through
 `otterhd_ray.models.fuyu.hf.load_hf`; one `__call__` takes a batch of items and runs one batched greedy
 KV-cache decode over 2 x batch prompts (the multiple-choice and the free-form question of every item), so the
-two generations of an item share the batch instead of running one after the other as the seed does.
+two generations of an item share the batch instead of running one after the other as the seed does. The two
+prompts of an item are adjacent and carry the same patches tensor, so the model's shared-prefix decoding
+(`share_prefix`) prefills the image (+ `<s>` and any common text) once per item and keeps its K/V once.
 
 Input columns:  id (str), image (encoded bytes), mc_text, ff_text (prompts already in the model's convention).
 Output columns: id, mc_response, ff_response, num_prompt_tokens, num_new_tokens, error ("" when fine).
@@ -65,13 +67,16 @@ class Predictor:
         device: str = "auto",
         dtype: str = "auto",
         preprocess_threads: int = 4,
+        share_prefix: bool = True,
     ) -> None:
         from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: PLC0415
         from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
 
         device = pick_device(device)
         model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
-        self._setup(model, load_tokenizer(model_path), resolution, max_new_tokens, None, preprocess_threads)
+        self._setup(
+            model, load_tokenizer(model_path), resolution, max_new_tokens, None, preprocess_threads, share_prefix
+        )
 
     @classmethod
     def from_model(
@@ -82,10 +87,13 @@ class Predictor:
         max_new_tokens: int = 64,
         stop_ids: list[int] | None = None,
         preprocess_threads: int = 4,
+        share_prefix: bool = True,
     ) -> Predictor:
-        """An in-memory model (benchmarks, tests); `stop_ids=[]` forces exactly `max_new_tokens` per answer."""
+        """An in-memory model (benchmarks, tests); `stop_ids=[]` forces exactly `max_new_tokens` per answer.
+
+        `share_prefix=False` decodes every prompt on its own (the reference path; benchmarks compare both)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, resolution, max_new_tokens, stop_ids, preprocess_threads)
+        self._setup(model, tokenizer, resolution, max_new_tokens, stop_ids, preprocess_threads, share_prefix)
         return self
 
     def _setup(
@@ -96,12 +104,14 @@ class Predictor:
         max_new_tokens: int,
         stop_ids: Any,
         preprocess_threads: int,
+        share_prefix: bool = True,
     ) -> None:
         from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
         from otterhd_ray.data.tokenizer import fuyu_tokens  # noqa: PLC0415
 
         self.resolution = resolution
         self.max_new_tokens = max_new_tokens
+        self.share_prefix = share_prefix
         self.tokenizer = tokenizer
         self.processor = FuyuProcessor(tokenizer)
         if stop_ids is None:
@@ -175,7 +185,11 @@ class Predictor:
 
         start = time.perf_counter()
         with torch.inference_mode():
-            generated = self.model.generate(prompts, self.max_new_tokens, self.stop_ids) if prompts else []
+            generated = (
+                self.model.generate(prompts, self.max_new_tokens, self.stop_ids, share_prefix=self.share_prefix)
+                if prompts
+                else []
+            )
         seconds = time.perf_counter() - start
         for (i, kind), new_ids in zip(owners, generated, strict=True):
             new_ids = [t for t in new_ids if t not in self.stop_ids]

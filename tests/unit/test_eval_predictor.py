@@ -88,3 +88,24 @@ def test_prompt_layout_equals_the_processor(tiny, size):
         ref = pred.processor.encode_prompt(image, text)
         assert pred._prompt_ids(grid, text).tolist() == ref["input_ids"].tolist()
         assert torch.equal(patches, torch.from_numpy(ref["patches"]))
+
+
+def test_shared_prefix_gives_the_same_answers_and_groups_each_items_questions(tiny, monkeypatch):
+    """Both questions of an item share the image prefix (prefilled once); answers equal the unshared path's."""
+    import otterhd_ray.models.fuyu.model as model_module
+
+    model, tok = tiny
+    seen = []
+    real = model_module.prefix_groups
+    monkeypatch.setattr(model_module, "prefix_groups", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    # resolution -1: 300x200 -> 7 rows x (10 patches + |NEWLINE|) = 77 image tokens, 240x150 -> 5 x 9 = 45
+    batch = _batch([_jpeg(300, 200), b"not an image", _jpeg(240, 150), _jpeg(300, 200)])
+    ref = Predictor.from_model(model, tok, max_new_tokens=4, stop_ids=[], share_prefix=False)(batch)
+    assert not seen  # the reference path does not group
+    got = Predictor.from_model(model, tok, max_new_tokens=4, stop_ids=[])(batch)
+    assert [m for m, _ in seen[0]] == [[0, 1], [2, 3], [4, 5]]  # three good items, two prompts each
+    assert [p > n for (_, p), n in zip(seen[0], (77, 45, 77), strict=True)] == [True] * 3  # image + <s> (+ text)
+    for key in ("mc_response", "ff_response", "num_prompt_tokens", "num_new_tokens"):
+        assert list(got[key]) == list(ref[key]), key
+    assert [bool(e) for e in got["error"]] == [False, True, False, False]
+    assert got["num_new_tokens"][0] == 8
