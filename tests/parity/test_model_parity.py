@@ -177,3 +177,24 @@ def test_generate_equals_transformers(pair):
         )[0, ids.shape[0] :].tolist()
     got = ours.generate(prompts, max_new_tokens=10, stop_ids=[stop])
     assert got[0] == hf_out and got[0][-1] == stop and len(got[0]) <= 5
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_shared_prefix_generate_equals_transformers(pair, share_prefix):
+    """Questions about one image (a group of 3 and one of 2, then a lone prompt): the shared-prefix path and the
+    reference path both equal HF generate run on each prompt alone, token for token."""
+    ours, hf, _ = pair
+    prompts = []
+    for rows, cols, num, seed in ((3, 4, 3, 20), (2, 2, 2, 21), (0, 0, 1, 22)):
+        ids, patches = make_sample(rows, cols, 4, seed)
+        for q in range(num):
+            own = make_sample(0, 0, 2 + 2 * q, seed * 10 + q)[0][1:]  # text only, no <s>
+            prompts.append((torch.cat([ids, own]), patches))
+    expected = []
+    for ids, patches in prompts:
+        kwargs = {"image_patches": normalize_patches(patches)[None]} if patches.shape[0] else {}
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids[None], max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+        expected.append(out[0, ids.shape[0] :].tolist())
+    got = ours.generate(prompts, max_new_tokens=8, stop_ids=[], share_prefix=share_prefix, min_shared_tokens=4)
+    assert got == expected
