@@ -9,8 +9,11 @@ generation produces exactly `--new-tokens` tokens (EOS suppressed), so the three
 
   (a) seed:     transformers `FuyuForCausalLM.generate`, batch 1, the two questions one after the other;
   (b) hf-batch: transformers `generate` on 2 x B left-padded prompts per call, for each B in --hf-batch-sizes;
-  (c) ours:     `otterhd_ray.eval.predictor.Predictor` (what each Ray actor runs) on B items = 2 x B prompts:
-                one packed prefill + KV-cache greedy decoding, for each B in --our-batch-sizes.
+  (c) ours:     `otterhd_ray.eval.predictor.Predictor` (what each Ray actor runs) on B items = 2 x B prompts,
+                for each B in --our-batch-sizes: the two questions of an item share one prefill of the image
+                (+ `<s>` and common text) and one copy of its K/V (grouped cache), then KV-cache greedy decoding;
+      ours-unshared: the same Predictor with `share_prefix=False` (every prompt prefilled and cached on its
+                own: the reference path), for each B in --unshared-batch-sizes, as a same-run baseline.
 
 Weights are random (same shape as adept/fuyu-8b, bf16 on GPU); the tokenizer is the tiny offline one (no
 download), so prompts are a few tokens shorter than with Fuyu's real tokenizer. Pre-processing (decode, resize,
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import io
 import platform
@@ -167,6 +171,18 @@ def time_config(
     return row
 
 
+def run_predictor(pred: Predictor, batch: list) -> None:
+    n = len(batch)
+    pred(
+        {
+            "id": np.asarray([str(i) for i in range(n)], dtype=object),
+            "image": np.asarray([b[0] for b in batch], dtype=object),
+            "mc_text": np.asarray([b[1] for b in batch], dtype=object),
+            "ff_text": np.asarray([b[2] for b in batch], dtype=object),
+        }
+    )
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -199,8 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation for (a)/(b)")
     p.add_argument("--hf-batch-sizes", default="4,8,16")
-    p.add_argument("--our-batch-sizes", default="8,16,32")
-    p.add_argument("--methods", default="seed,hf-batch,ours")
+    p.add_argument("--our-batch-sizes", default="8,16,24,32")
+    p.add_argument("--unshared-batch-sizes", default="16", help="(c) without prefix sharing")
+    p.add_argument("--methods", default="seed,hf-batch,ours,ours-unshared")
     p.add_argument("--prep-threads", type=int, default=8, help="(c): image threads per actor")
     p.add_argument("--model-name", default="fuyu", choices=["fuyu", "otterhd"], help="prompt convention")
     p.add_argument("--out", required=True, help="markdown table path")
@@ -259,28 +276,22 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    if "ours" in methods:
+    if methods & {"ours", "ours-unshared"}:
         model = new_model(cfg, dtype=dtype, device=device)
-        pred = Predictor.from_model(
-            model, tok, args.resolution, args.new_tokens, stop_ids=[], preprocess_threads=args.prep_threads
-        )
-
-        def run_ours(batch: list) -> None:
-            n = len(batch)
-            pred(
-                {
-                    "id": np.asarray([str(i) for i in range(n)], dtype=object),
-                    "image": np.asarray([b[0] for b in batch], dtype=object),
-                    "mc_text": np.asarray([b[1] for b in batch], dtype=object),
-                    "ff_text": np.asarray([b[2] for b in batch], dtype=object),
-                }
+        runs = [
+            ("ours", True, args.our_batch_sizes, "(c) ours: Predictor (shared image prefill + grouped KV cache)"),
+            ("ours-unshared", False, args.unshared_batch_sizes, "(c) ours, unshared: Predictor (packed prefill + KV cache)"),
+        ]
+        for method, share, sizes, label in runs:
+            if method not in methods:
+                continue
+            pred = Predictor.from_model(
+                model, tok, args.resolution, args.new_tokens, stop_ids=[], preprocess_threads=args.prep_threads,
+                share_prefix=share,
             )
-
-        for bs in [int(x) for x in args.our_batch_sizes.split(",") if x]:
-            rows.append(
-                time_config("(c) ours: Predictor (packed prefill + KV cache)", bs, items, run_ours, device)
-            )
-            print(rows[-1], flush=True)
+            for bs in [int(x) for x in sizes.split(",") if x]:
+                rows.append(time_config(label, bs, items, functools.partial(run_predictor, pred), device))
+                print(rows[-1], flush=True)
 
     seed_rows = [r for r in rows if r["method"].startswith("(a)") and r["status"] == "ok"]
     baseline = seed_rows[0]["items_per_s"] if seed_rows else None
