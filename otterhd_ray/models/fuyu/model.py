@@ -32,6 +32,10 @@ from otterhd_ray.ops.fused import FusedOps, LayerWeights, resolve_fused_ops, rot
 from otterhd_ray.ops.loss import IGNORE_INDEX, linear_cross_entropy
 
 CHECKPOINTING = ("none", "selective", "full")
+# Decoding input: (input_ids int64 [T], patches [P, C] or None) per prompt.
+Prompts = Sequence[tuple[torch.Tensor, torch.Tensor | None]]
+# One (k, v) pair of [G, H, L, K] per layer (the grouped cache of shared-prefix decoding).
+_Cache = list[tuple[torch.Tensor, torch.Tensor]]
 __all__ = ["FuyuForCausalLM", "build_model", "new_model", "normalize_patches", "prefix_groups"]
 
 
@@ -296,7 +300,7 @@ class FuyuForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+        prompts: Prompts,
         max_new_tokens: int,
         stop_ids: Sequence[int] | None = None,
         share_prefix: bool = True,
@@ -329,7 +333,7 @@ class FuyuForCausalLM(nn.Module):
         return self._trim(rows, set(stop.tolist()))
 
     def _generate_unshared(
-        self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor | None]], max_new_tokens: int, stop: torch.Tensor
+        self, prompts: Prompts, max_new_tokens: int, stop: torch.Tensor
     ) -> list[list[int]]:
         """The reference: one packed prefill of every whole prompt, then one token per step from a KV cache."""
         device = self.embed_tokens.weight.device
@@ -389,7 +393,7 @@ class FuyuForCausalLM(nn.Module):
     # so one masked attention call covers [shared prefix] + [own tokens] for every row.
     def _generate_grouped(
         self,
-        prompts: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+        prompts: Prompts,
         groups: list[tuple[list[int], int]],
         max_new_tokens: int,
         stop: torch.Tensor,
@@ -420,7 +424,9 @@ class FuyuForCausalLM(nn.Module):
         cos, sin = rotary_cos_sin(pos_T, self.config.rotary_dim, self.config.rope_theta, x_TD.dtype)
         return x_TD, cos, sin, pos_T
 
-    def _prefill_prefixes(self, prompts, lay: _GroupLayout, cache, backend: str, ops: FusedOps, chunk_tokens: int):
+    def _prefill_prefixes(
+        self, prompts: Prompts, lay: _GroupLayout, cache: _Cache, backend: str, ops: FusedOps, chunk_tokens: int
+    ) -> None:
         """Phase 1: packed, document-causal forward of each group's shared prefix (once per group); keeps K/V only."""
         cfg, device = self.config, self.embed_tokens.weight.device
         for chunk in _chunks(lay.prefix_G, chunk_tokens):
@@ -445,7 +451,9 @@ class FuyuForCausalLM(nn.Module):
                     o_THK = packed_attention(q, k, v, cu, max(lengths), backend)
                     x_TD = ops.attn_out(x_TD, o_THK, w, cfg.layer_norm_eps)
 
-    def _prefill_suffixes(self, prompts, lay: _GroupLayout, cache, backend: str, ops: FusedOps, chunk_tokens: int):
+    def _prefill_suffixes(
+        self, prompts: Prompts, lay: _GroupLayout, cache: _Cache, backend: str, ops: FusedOps, chunk_tokens: int
+    ) -> torch.Tensor:
         """Phase 2: every prompt's own tokens after the prefix, attending to [group prefix] + [own causal K/V].
 
         Returns the first generated token of every prompt [B]."""
@@ -479,7 +487,14 @@ class FuyuForCausalLM(nn.Module):
         return torch.cat(firsts)
 
     def _decode_grouped(
-        self, next_B, lay: _GroupLayout, cache, backend: str, ops: FusedOps, max_new_tokens: int, stop: torch.Tensor
+        self,
+        next_B: torch.Tensor,
+        lay: _GroupLayout,
+        cache: _Cache,
+        backend: str,
+        ops: FusedOps,
+        max_new_tokens: int,
+        stop: torch.Tensor,
     ) -> list[list[int]]:
         """One token per step for every prompt; each row attends to its group's prefix and its own region."""
         cfg, device = self.config, self.embed_tokens.weight.device
@@ -532,7 +547,7 @@ class FuyuForCausalLM(nn.Module):
 
 # ------------------------------------------------------------------------------------ shared-prefix decoding
 def prefix_groups(
-    prompts: Sequence[tuple[torch.Tensor, torch.Tensor | None]], image_token_id: int, min_shared_tokens: int = 32
+    prompts: Prompts, image_token_id: int, min_shared_tokens: int = 32
 ) -> list[tuple[list[int], int]]:
     """Runs of consecutive prompts that start with the same tokens *and* the same patches for those tokens.
 
@@ -562,7 +577,14 @@ def prefix_groups(
     return groups
 
 
-def _shared_prefix(ids_a, patches_a, ids_b, patches_b, limit: int, image_token_id: int) -> int:
+def _shared_prefix(
+    ids_a: torch.Tensor,
+    patches_a: torch.Tensor | None,
+    ids_b: torch.Tensor,
+    patches_b: torch.Tensor | None,
+    limit: int,
+    image_token_id: int,
+) -> int:
     """Length (<= limit) of the common leading tokens of two prompts whose image tokens carry equal patches."""
     n = min(limit, ids_a.shape[0], ids_b.shape[0])
     differ = (ids_a[:n] != ids_b[:n]).nonzero()
@@ -597,7 +619,9 @@ class _GroupLayout:
     num_slots: int  # L
 
 
-def _group_layout(prompts, groups: list[tuple[list[int], int]], max_new_tokens: int, image_token_id: int):
+def _group_layout(
+    prompts: Prompts, groups: list[tuple[list[int], int]], max_new_tokens: int, image_token_id: int
+) -> _GroupLayout:
     lengths = [int(ids.shape[0]) for ids, _ in prompts]
     prefix_G = [p for _, p in groups]
     prefix_images_G = [int((prompts[m[0]][0][:p] == image_token_id).sum()) for m, p in groups]
@@ -637,7 +661,9 @@ def _chunks(sizes: list[int], budget: int) -> list[list[int]]:
     return out
 
 
-def _grouped_mask(prefix_G, start_GQ, upto_GQ, num_slots: int) -> torch.Tensor:
+def _grouped_mask(
+    prefix_G: torch.Tensor, start_GQ: torch.Tensor, upto_GQ: torch.Tensor, num_slots: int
+) -> torch.Tensor:
     """[G, Q, L] may-attend mask: the group's prefix slots + own slots start..start+upto; a padding query
     (upto < 0) sees slot 0 only, so no row is fully masked (NaN in some kernels) — its output is dropped."""
     slot_L = torch.arange(num_slots, device=prefix_G.device)
@@ -646,7 +672,9 @@ def _grouped_mask(prefix_G, start_GQ, upto_GQ, num_slots: int) -> torch.Tensor:
     return torch.where((upto_GQ >= 0)[..., None], own | shared, slot_L == 0)
 
 
-def _suffix_index(lay: _GroupLayout, rows: list[int], g0: int, s_max: int, device) -> tuple[torch.Tensor, ...]:
+def _suffix_index(
+    lay: _GroupLayout, rows: list[int], g0: int, s_max: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """For each suffix token of `rows` (packed): its group (relative to g0), cache slot, and query slot."""
     m = lay.num_members
     group, slot, query = [], [], []
@@ -659,7 +687,7 @@ def _suffix_index(lay: _GroupLayout, rows: list[int], g0: int, s_max: int, devic
     return tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (group, slot, query))
 
 
-def _suffix_mask(lay: _GroupLayout, chunk: list[int], s_max: int, device) -> torch.Tensor:
+def _suffix_mask(lay: _GroupLayout, chunk: list[int], s_max: int, device: torch.device) -> torch.Tensor:
     """[Gc, m * s_max, L]: query (j, s) of group g sees g's prefix and member j's slots up to its own (causal)."""
     m = lay.num_members
     suffix_GM = torch.zeros(len(chunk), m, dtype=torch.long)
