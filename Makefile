@@ -24,14 +24,14 @@ demo: $(STAMP)
 	$(BIN)/otterhd demo --workdir demo_output
 
 test: $(STAMP)
-	$(BIN)/ruff check otterhd_ray jobs tests benchmarks
+	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 lint: $(STAMP)
-	$(BIN)/ruff check otterhd_ray jobs tests benchmarks
+	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
 
 clean-venv:
 	rm -rf $(VENV)
