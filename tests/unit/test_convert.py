@@ -27,7 +27,7 @@ from otterhd_ray.data.shards import (
 )
 from otterhd_ray.data.synth import write_mimicit
 
-SHARED = Path("/work/shared/fixtures/mimicit")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "mimicit"
 pytestmark = pytest.mark.timeout(60)
 
 

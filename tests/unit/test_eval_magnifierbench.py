@@ -18,7 +18,7 @@ from otterhd_ray.eval.magnifierbench import (
     split_instruction,
 )
 
-FIXTURE = Path("/work/shared/fixtures/magnifierbench")
+FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench"
 
 
 def _png(color=(255, 0, 0)) -> bytes:

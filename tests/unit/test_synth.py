@@ -18,7 +18,7 @@ from PIL import Image
 from otterhd_ray.data import synth
 from otterhd_ray.data.shards import SHARD_SCHEMA, iter_shard_rows, list_shard_files
 
-MAG_FIXTURE = Path("/work/shared/fixtures/magnifierbench/data/test-00000-of-00001.parquet")
+MAG_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench" / "data" / "test-00000-of-00001.parquet"
 pytestmark = pytest.mark.timeout(60)
 INSTRUCTION = re.compile(
     r"^(?P<q>[^?]+\?) A\. (?P<a>[^,]+), B\. (?P<b>[^,]+), C\. (?P<c>[^,]+), D\. (?P<d>[^,]+)$"
