@@ -1,58 +1,17 @@
 """Ray job entry point: `ray job submit --working-dir . -- python jobs/finetune.py --config FILE [k=v ...]`.
 
-The same as `otterhd finetune --config FILE [k=v ...]`. Inside a job RAY_ADDRESS is set, so the run joins that
-cluster; run directly, it starts a local Ray. Prints one JSON line with the outcome (`final metrics`,
-`checkpoint`, `hf_export`) and exits non-zero when training failed.
+The same as `otterhd finetune --config FILE [k=v ...]` (`otterhd_ray.finetune.main`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
 # `ray job submit --working-dir .` ships the repo without installing it: make the package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.config import ConfigError, load_finetune_config  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", "--confg", dest="config", required=True, help="finetune YAML config")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ray.num_workers=2")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_finetune_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"finetune: {err}", file=sys.stderr)
-        return 2
-
-    from otterhd_ray.train.trainer import resolve_paths, run_finetune
-
-    try:
-        result = run_finetune(cfg)
-    except ValueError as err:  # user mistakes found on the driver (paths, sizes): no traceback
-        print(f"finetune: {err}", file=sys.stderr)
-        return 2
-    resolved = resolve_paths(cfg)
-    hf_dir = Path(resolved.train.output_dir) / "hf"
-    summary = {
-        "status": "failed" if result.error else "succeeded",
-        "checkpoint": getattr(result.checkpoint, "path", None),
-        "hf_export": str(hf_dir) if resolved.train.save_hf_model and hf_dir.is_dir() else None,
-        "metrics_history": str(Path(resolved.train.output_dir) / "metrics.jsonl"),
-        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)},
-    }
-    print(json.dumps(summary, default=str))
-    if result.error:
-        print(f"finetune: training failed: {result.error}", file=sys.stderr)
-        return 1
-    return 0
-
+from otterhd_ray.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

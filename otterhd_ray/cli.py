@@ -60,12 +60,9 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from otterhd_ray.config import load_finetune_config
-    from otterhd_ray.train.trainer import run_finetune
+    from otterhd_ray.finetune import main as finetune_main
 
-    cfg = load_finetune_config(args.config, args.overrides)
-    run_finetune(cfg)
-    return 0
+    return finetune_main(["--config", args.config, *args.overrides])
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -45,3 +45,25 @@ def test_unknown_config_key_is_one_clear_line(tmp_path, capsys):
     assert main(["finetune", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "train.epochz" in err and str(cfg) in err
+
+
+def test_finetune_exit_code_follows_the_training_outcome(tmp_path, monkeypatch, capsys):
+    """`otterhd finetune` and `jobs/finetune.py` share one main: a failed fit exits 1 with the JSON summary."""
+    import types
+
+    import otterhd_ray.train.trainer as trainer
+
+    outcome = {}
+
+    def fake_run(cfg):
+        return types.SimpleNamespace(error=outcome.get("error"), checkpoint=None, metrics={"loss": 1.5})
+
+    monkeypatch.setattr(trainer, "run_finetune", fake_run)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train:\n  output_dir: {tmp_path / 'out'}\n")
+    assert main(["finetune", "--config", str(cfg)]) == 0
+    assert '"status": "succeeded"' in capsys.readouterr().out
+    outcome["error"] = RuntimeError("worker died")
+    assert main(["finetune", "--config", str(cfg)]) == 1
+    captured = capsys.readouterr()
+    assert '"status": "failed"' in captured.out and "worker died" in captured.err
