@@ -18,8 +18,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from otterhd_ray.config import ConfigError
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "--confg", dest="config", required=True, help="YAML config file")
@@ -139,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         # user mistakes (bad config, bad paths, refusing to overwrite): one clear line, no traceback
         print(f"otterhd: error: {err}", file=sys.stderr)
         return 2

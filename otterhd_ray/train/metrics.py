@@ -24,8 +24,9 @@ import torch
 
 logger = logging.getLogger("otterhd_ray.train")
 
-# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets; MFU is omitted on devices not listed (and on CPU).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets, matched in order against the device name (so the
+# PCIe H100 is found before the SXM one); MFU is omitted on devices not listed (and on CPU).
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def peak_flops(device: torch.device) -> float | None:
