@@ -84,23 +84,12 @@ from otterhd_ray.data.buckets import (
     plan_packs,
 )
 from otterhd_ray.data.mix import EpochPlan, plan_epoch, read_layout, repeat_id
+from otterhd_ray.data.rejects import REJECT_SCHEMA, reject_row, rejects_table
 from otterhd_ray.data.shards import list_shard_files, resolve_filesystem
 
 INDEX_VERSION = 1
 PREPROCESS_ERROR = "preprocess_error"
 LENGTH_MISMATCH = "length_mismatch"
-REJECT_FIELDS = ("id", "source", "reason", "detail", "epoch", "sample_index", "rank")
-REJECT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("detail", pa.string()),
-        pa.field("epoch", pa.int32()),
-        pa.field("sample_index", pa.int64()),
-        pa.field("rank", pa.int32()),
-    ]
-)
 _READ_COLUMNS = ["id", "image", "conversations", "source"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -454,8 +443,7 @@ def epoch_num_micro_batches(cfg: DataConfig, tokenizer_dir: str | Path, world_si
 
 
 def _reject(rid: str, source: str, reason: str, detail: str, epoch: int, index: int, rank: int) -> dict[str, Any]:
-    return {"id": rid, "source": source, "reason": reason, "detail": detail[:500], "epoch": epoch,
-            "sample_index": int(index), "rank": rank}
+    return reject_row(rid, source, reason, detail, epoch=epoch, sample_index=index, rank=rank)
 
 
 # --------------------------------------------------------------------------------------- preprocessing
@@ -756,7 +744,7 @@ class TrainIterator:
         fs, inner, _ = resolve_filesystem(self.cfg.rejects_path)
         folder = f"{inner}/epoch-{self.epoch:04d}"
         fs.create_dir(folder, recursive=True)
-        table = pa.Table.from_pylist([{k: r.get(k) for k in REJECT_FIELDS} for r in rejects], REJECT_SCHEMA)
+        table = rejects_table(rejects)
         tmp = f"{folder}/.{name}.tmp-{os.getpid()}"
         with fs.open_output_stream(tmp) as stream:
             pq.write_table(table, stream)

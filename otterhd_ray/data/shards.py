@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from otterhd_ray.data.rejects import REJECTS_FILE, rejects_table
+
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -49,11 +51,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
     ]
 )
-REJECT_SCHEMA = pa.schema(
-    [pa.field("id", pa.string()), pa.field("source", pa.string()), pa.field("reason", pa.string())]
-)
 ROLES = ("user", "assistant")
-REJECTS_FILE = "rejects.parquet"
 
 PathLike = str | Path
 
@@ -349,10 +347,10 @@ class ShardWriter:
 
 
 def write_rejects(out_dir: PathLike, rejects: Sequence[Mapping[str, str]], name: str = REJECTS_FILE) -> str:
-    """Write (id, source, reason) rows to `out_dir/name` atomically; returns the file path."""
+    """Write rejects rows (`data.rejects` schema; missing columns null) to `out_dir/name` atomically; returns the file path."""
     fs, inner, uri_prefix = resolve_filesystem(out_dir)
     fs.create_dir(inner, recursive=True)
-    table = pa.Table.from_pylist([{k: r.get(k) for k in REJECT_SCHEMA.names} for r in rejects], REJECT_SCHEMA)
+    table = rejects_table(rejects)
     tmp, final = f"{inner}/.{name}.tmp", f"{inner}/{name}"
     with fs.open_output_stream(tmp) as stream:
         pq.write_table(table, stream)

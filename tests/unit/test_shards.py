@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from otterhd_ray.data import shards
+from otterhd_ray.data.rejects import REJECT_FIELDS
 from otterhd_ray.data.shards import (
     SHARD_SCHEMA,
     ShardWriter,
@@ -162,11 +163,12 @@ def test_list_shard_files_dir_glob_file_uri(tmp_path):
         list_shard_files(tmp_path / "empty")
 
 
-def test_rejects_file_has_id_source_reason(tmp_path):
+def test_rejects_file_has_the_one_rejects_schema(tmp_path):
     path = write_rejects(tmp_path, [{"id": "x", "source": "s", "reason": "empty_answer"}])
-    assert pq.read_table(path).to_pylist() == [{"id": "x", "source": "s", "reason": "empty_answer"}]
+    (row,) = pq.read_table(path).to_pylist()
+    assert row["id"] == "x" and row["source"] == "s" and row["reason"] == "empty_answer" and row["epoch"] is None
     empty = write_rejects(tmp_path / "none", [])
-    assert pq.read_table(empty).num_rows == 0 and pq.read_schema(empty).names == ["id", "source", "reason"]
+    assert pq.read_table(empty).num_rows == 0 and pq.read_schema(empty).names == list(REJECT_FIELDS)
 
 
 def test_count_rows_reads_footers_only(tmp_path, monkeypatch):
