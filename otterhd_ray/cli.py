@@ -7,6 +7,7 @@
     otterhd export CHECKPOINT OUT_DIR
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
     otterhd demo [--workdir DIR]
+    otterhd plot RUN_DIR                      (loss.png per metrics.jsonl, per_kind.png per evaluation)
 
 Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
 """
@@ -27,7 +28,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from otterhd_ray.data.synth import synthesize
 
-    stats = synthesize(args.out, num_train=args.train, num_bench=args.bench, seed=args.seed, num_bad=args.bad)
+    stats = synthesize(
+        args.out, num_train=args.train, num_bench=args.bench, seed=args.seed, num_bad=args.bad, level=args.level,
+        bench_seed=args.bench_seed,
+    )
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -85,6 +89,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from otterhd_ray.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otterhd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", type=int, default=32, help="benchmark items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad", type=int, default=0, help="inject this many bad rows (to exercise rejects)")
+    p.add_argument("--level", default="standard", help="scene difficulty: standard (MagnifierBench-like) | easy")
+    p.add_argument("--bench-seed", type=int, default=None, help="benchmark seed (default --seed): held-out scenes")
     p.set_defaults(func=_cmd_synth)
 
     p = data.add_parser("convert", help="MIMIC-IT/Otter instruction JSON + images -> Parquet shards")
@@ -130,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_output")
     p.add_argument("--steps", default="all", help="comma list of: data,finetune,export,evaluate (default all)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="PNG figures of a run: loss.png per metrics.jsonl, per_kind.png per evaluation")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

@@ -76,6 +76,24 @@ def split_instruction(instruction: str) -> tuple[str, dict[str, str]]:
     return head.strip(), options
 
 
+# Question kinds by the question's opening words (the synthetic benchmark's four; the HF benchmark's questions
+# are free text, and those that match none are "other").
+_KIND_RE = (
+    ("colour", re.compile(r"^\s*what colou?r\b", re.I)),
+    ("shape", re.compile(r"^\s*what shape\b", re.I)),
+    ("count", re.compile(r"^\s*how many\b", re.I)),
+    ("position", re.compile(r"^\s*(where is|in which part)\b", re.I)),
+)
+
+
+def question_kind(question: str) -> str:
+    """colour / shape / count / position by the question's opening words, else "other"."""
+    for kind, pattern in _KIND_RE:
+        if pattern.search(question):
+            return kind
+    return "other"
+
+
 def mc_prompt(instruction: str, prompt: str) -> str:
     """The seed's multiple-choice question: prompt prepended with a space when there is one."""
     return f"{prompt} {instruction}" if prompt else instruction

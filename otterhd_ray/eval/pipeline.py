@@ -39,6 +39,7 @@ from otterhd_ray.eval.magnifierbench import (
     format_for_model,
     load_magnifierbench,
     mc_prompt,
+    question_kind,
 )
 from otterhd_ray.eval.report import write_report
 from otterhd_ray.eval.scoring import parse_mc
@@ -391,6 +392,16 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def _per_kind(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """MC accuracy per question kind (`question_kind`); empty when no question has a known kind."""
+    groups: dict[str, list[bool]] = {}
+    for r in recs:
+        groups.setdefault(question_kind(r["ff_question"]), []).append(bool(r["mc_correct"]))
+    if set(groups) <= {"other"}:
+        return {}
+    return {k: {"items": len(v), "mc_accuracy": _ratio(sum(v), len(v))} for k, v in sorted(groups.items())}
+
+
 def _run_metrics(
     cfg,
     model,
@@ -461,6 +472,9 @@ def _run_metrics(
         "prediction_error": prediction_error,
         "results_path": str(run_dir / RESULTS_FILE),
     }
+    per_kind = _per_kind(recs)
+    if per_kind:
+        metrics["per_kind"] = per_kind
     if cfg.mc_parse == "legacy":
         # The seed divides by every row of the dataset (skipped ones included) and counts an unreadable
         # judgment as wrong; these two reproduce its numbers exactly.

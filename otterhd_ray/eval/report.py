@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _pct(x: float | None) -> str:
@@ -63,6 +66,9 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"{t['resumed']} resumed from an earlier run; {_num(t.get('items_per_generate_s'))} items/s per actor "
             "inside generate"
         )
+        if r.get("per_kind"):
+            kinds = ", ".join(f"{k} {_pct(v['mc_accuracy'])} of {v['items']}" for k, v in r["per_kind"].items())
+            lines.append(f"- multiple choice per question kind: {kinds}")
         lines.append(f"- per-item results: `{r['results_path']}`")
         if r.get("prediction_error"):
             lines.append(
@@ -76,12 +82,28 @@ def _fmt_reasons(reasons: dict[str, int]) -> str:
     return "(" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else ""
 
 
+def _per_kind_chart(metrics: dict[str, Any], out: Path) -> Path | None:
+    """per_kind.png when some run has question kinds; a failed figure never fails the evaluation."""
+    if not any(r.get("per_kind") for r in metrics.get("runs", [])):
+        return None
+    try:
+        from otterhd_ray.plots import PER_KIND_PNG, plot_per_kind
+
+        return plot_per_kind(metrics, out / PER_KIND_PNG)
+    except Exception as err:  # noqa: BLE001 (matplotlib missing, ...): the numbers are in the report anyway
+        log.warning("no per-kind chart (%s: %s)", type(err).__name__, err)
+        return None
+
+
 def write_report(out_dir: str | Path, metrics: dict[str, Any], extra_path: str | Path | None = None) -> str:
     """Write metrics.json and report.md under `out_dir` (and the report to `extra_path`); return the text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     text = format_report(metrics)
+    chart = _per_kind_chart(metrics, out)
+    if chart:
+        text += f"\n![multiple-choice accuracy per question kind]({chart.name})\n"
     (out / "report.md").write_text(text)
     if extra_path:
         Path(extra_path).parent.mkdir(parents=True, exist_ok=True)

@@ -353,7 +353,20 @@ def _run(
             faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()
+    if rank == 0:
+        write_loss_png(Path(cfg.train.output_dir) / "metrics.jsonl")
     return last
+
+
+def write_loss_png(metrics_path: Path) -> None:
+    """loss.png beside the metrics file; a figure that cannot be drawn is a warning, never a failed run."""
+    try:
+        from otterhd_ray.plots import plot_training
+
+        if metrics_path.is_file():
+            logger.info("training curves: %s", plot_training(metrics_path))
+    except Exception as err:  # noqa: BLE001 (matplotlib missing, a full disk: the trained model still counts)
+        logger.warning("no loss.png (%s: %s); `otterhd plot %s` retries", type(err).__name__, err, metrics_path.parent)
 
 
 def _train_step(
