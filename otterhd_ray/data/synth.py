@@ -445,6 +445,26 @@ def train_row(
     }
 
 
+def scene_example(
+    rng: random.Random, level: Level, long_side: tuple[int, int], mc_fraction: float = 0.0, mc_prompt: str = "",
+    kind: str | None = None,
+) -> tuple[Scene, list[dict[str, str]], tuple[str, list[str], str]]:
+    """An unencoded example for in-memory streams (the resolution study): the scene, a training conversation
+    (`mc_fraction` of them in the benchmark's MC format, answered with the option text, as in `train_row`) and
+    the scene's (question, four options, correct option) for evaluation."""
+    scene = draw_scene(rng, kind or rng.choice(KINDS), *long_side, level=level)
+    question, options, truth = _options(rng, scene)
+    if rng.random() < mc_fraction:
+        text = mc_instruction(question, options)
+        conversations = [
+            {"role": "user", "text": f"{mc_prompt} {text}" if mc_prompt else text},
+            {"role": "assistant", "text": truth},
+        ]
+    else:
+        conversations = _conversation(rng, scene)
+    return scene, conversations, (question, options, truth)
+
+
 def bench_row(seed: int, index: int, level: str = "standard") -> dict[str, Any]:
     lv = get_level(level)
     rng = random.Random(f"otterhd-synth-bench-{seed}-{index}")
