@@ -111,13 +111,14 @@ class Level:
     distractors: tuple[int, int] = (3, 6)  # saturated non-target objects drawn (fewer when they do not fit)
     train_long_side: tuple[int, int] = (400, 2000)
     bench_long_side: tuple[int, int] = (900, 2000)
+    texture: bool = True  # noise-textured background; False: one flat muted colour
 
 
 LEVELS: dict[str, Level] = {
     "standard": Level(),
     "easy": Level(
-        target_area=(0.04, 0.07), clutter=0.25, distractors=(1, 2), train_long_side=(240, 360),
-        bench_long_side=(240, 360),
+        target_area=(0.12, 0.20), clutter=0.0, distractors=(0, 0), train_long_side=(200, 260),
+        bench_long_side=(200, 260), texture=False,
     ),
 }
 
@@ -268,7 +269,7 @@ def draw_scene(
 ) -> Scene:
     """Draw one scene whose `kind` question has a known answer (the frame size from `long_min`/`long_max`)."""
     width, height = _size(rng, long_min, long_max)
-    image = _background(rng, width, height)
+    image = _background(rng, width, height) if level.texture else Image.new("RGB", (width, height), _muted(rng))
     draw = ImageDraw.Draw(image)
     _draw_clutter(draw, rng, width, height, level.clutter)
 
