@@ -32,8 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.data.processor import normalize_patches  # noqa: E402
-from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
+from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches  # noqa: E402
 from otterhd_ray.models.fuyu.config import FuyuModelConfig  # noqa: E402
 
 BUCKETS = (448, 512, 768, 1024)

@@ -12,15 +12,14 @@ from PIL import Image
 from otterhd_ray.config import SEED_TRAIN_TEMPLATE
 from otterhd_ray.data.images import BadSample
 from otterhd_ray.data.processor import (
-    IGNORE_INDEX,
     PAD_PIXEL,
     FuyuProcessor,
     hf_resized_size,
     image_to_patches,
-    normalize_patches,
     validate_conversation,
 )
 from otterhd_ray.data.tokenizer import load_tokenizer
+from otterhd_ray.models.fuyu import IGNORE_INDEX, normalize_patches
 
 
 @pytest.fixture(scope="module")
