@@ -16,7 +16,7 @@ import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions"))
 
-from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
+from otterhd_ray.config import FaultsConfig, FinetuneConfig, load_finetune_config  # noqa: E402
 from otterhd_ray.data.buckets import assemble, collate_to_torch  # noqa: E402
 from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
@@ -133,9 +133,9 @@ def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     ])
 
 
-def _run(cfg: FinetuneConfig, root: Path, resume_from=None, **extras) -> LocalContext:
+def _run(cfg: FinetuneConfig, root: Path, resume_from=None) -> LocalContext:
     ctx = LocalContext(root, resume_from=resume_from)
-    train_loop_per_worker({"config": cfg.model_dump(mode="json"), **extras}, ctx)
+    train_loop_per_worker({"config": cfg.model_dump(mode="json")}, ctx)
     return ctx
 
 
@@ -159,7 +159,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(data_dir, tmp_path, f
     assert len(losses) >= 6
     cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
     with pytest.raises(InjectedStop):
-        _run(cfg, tmp_path / "ckpt", stop_after_step=4)  # crashes one step after the checkpoint at step 3
+        # crashes one step after the checkpoint at step 3
+        _run(cfg.model_copy(update={"faults": FaultsConfig(stop_after_step=4)}), tmp_path / "ckpt")
     ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]  # what survived the crash
     assert ckpt.name == "checkpoint_000003"
     _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
@@ -249,13 +250,14 @@ def test_wandb_offline_run_is_written(full_run):
 
 def test_run_finetune_in_process_checkpoints_resumes_and_exports(data_dir, tmp_path):
     # ray.num_workers=0: the same loop in the driver process, checkpoints under storage_path/name.
+    from otterhd_ray.finetune import finetune
     from otterhd_ray.train.trainer import run_finetune
 
     overrides = ["ray.num_workers=0", f"ray.storage_path={tmp_path / 'ray'}", "ray.name=inproc",
                  "train.max_steps=2", "train.checkpoint_every_steps=1", "train.save_hf_model=true"]
-    result = run_finetune(_cfg(data_dir, tmp_path, *overrides))
-    assert Path(result.checkpoint.path).name == "checkpoint_000002"
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    outcome = finetune(_cfg(data_dir, tmp_path, *overrides))
+    assert Path(outcome.result.checkpoint.path).name == "checkpoint_000002"
+    assert outcome.hf_dir == tmp_path / "hf" and (tmp_path / "hf" / "model.safetensors").is_file()
     assert len(_history(tmp_path)) == 2
     # Run again with max_steps=3: it resumes from step 2, not from scratch... but the step budget changed,
     # so the schedule differs: refused with a clear error rather than silently training on a different one.
