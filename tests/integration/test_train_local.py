@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from otterhd_ray.data.buckets import assemble, collate_to_torch  # noqa: E402
 from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
+from tests.helpers import sample, train_rows  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 CFG = flavour_config("debug")
@@ -38,20 +38,10 @@ def _release_process_group():
 
 
 # ------------------------------------------------------------------------------------------ engines
-def _sample(rng: np.random.Generator, rows: int, cols: int, text: int, index: int) -> dict:
-    image = ([CFG.image_token_id] * cols + [CFG.image_token_id + 1]) * rows
-    ids = np.array(image + [CFG.bos_token_id] + rng.integers(20, 500, text).tolist(), np.int64)
-    labels = np.full_like(ids, -100)
-    labels[-text // 2:] = ids[-text // 2:]
-    patches = rng.integers(0, 256, (rows * cols, CFG.patch_dim), dtype=np.uint8)
-    return {"input_ids": ids, "labels": labels, "patches": patches, "sample_index": index}
-
-
 def _micro_batches() -> tuple[list[dict], dict]:
-    rng = np.random.default_rng(0)
-    samples = [_sample(rng, 2, 3, 9, 0), _sample(rng, 1, 4, 13, 1), _sample(rng, 3, 2, 6, 2)]
-    small = [collate_to_torch(assemble(samples[:1])), collate_to_torch(assemble(samples[1:]))]
-    return small, collate_to_torch(assemble(samples))
+    rows = train_rows(CFG, seed=0)
+    small = [collate_to_torch(assemble(rows[:1])), collate_to_torch(assemble(rows[1:]))]
+    return small, collate_to_torch(assemble(rows))
 
 
 def _one_step(engine_cfg: dict, batches: list[dict], total_tokens: int) -> dict[str, torch.Tensor]:
@@ -228,12 +218,9 @@ def test_export_loads_in_transformers_with_identical_logits(full_run, tmp_path):
                      attention="eager")
     ours.load_state_dict(consolidated_state_dict(ckpt))
     ours.eval()
-    rng = np.random.default_rng(1)
-    s = _sample(rng, 2, 3, 11, 0)
-    s["input_ids"][s["input_ids"] == CFG.image_token_id] = hf.config.image_token_id
-    s["input_ids"][s["input_ids"] == CFG.image_token_id + 1] = tok.convert_tokens_to_ids("|NEWLINE|")
-    ids = torch.from_numpy(s["input_ids"])
-    patches = torch.from_numpy(s["patches"])
+    ids, patches, _ = sample(CFG, 2, 3, 11, seed=1)
+    is_image, is_newline = ids == CFG.image_token_id, ids == CFG.image_token_id + 1
+    ids[is_image], ids[is_newline] = hf.config.image_token_id, tok.convert_tokens_to_ids("|NEWLINE|")
     with torch.no_grad():
         theirs = hf(input_ids=ids[None], image_patches=normalize_patches(patches)[None]).logits[0]
         mine = ours.logits(ours(ids, patches, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32),
