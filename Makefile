@@ -23,8 +23,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/otterhd demo --workdir demo_output
 
-test: $(STAMP)
-	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 gpu-test: $(STAMP)
@@ -32,6 +31,7 @@ gpu-test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
+	$(BIN)/lint-imports  # layering contracts: [tool.importlinter] in pyproject.toml
 
 clean-venv:
 	rm -rf $(VENV)
