@@ -129,7 +129,9 @@ class TrainConfig(Strict):
     demo_data: bool = Field(
         False,
         description="Demo only: when data.datasets[0].path (a `<dir>/train` folder) or data.tokenizer_path is "
-        "missing, generate synthetic shards (`otterhd data synth`) and the tiny offline tokenizer there first.",
+        "missing, generate synthetic shards (`otterhd data synth`) and the tiny offline tokenizer there first. "
+        "Done by the entry point (`otterhd finetune`, `jobs/finetune.py`: `otterhd_ray.demo.ensure_demo_data`), "
+        "not by `train.run_finetune`.",
     )
 
 
