@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# Fuyu's processor shrinks (never enlarges) every image to fit this box; `resolution` acts before it.
-MAX_HW = (1080, 1920)
 # Decompression-bomb limit for benchmark images (PIL's default).
 MAX_IMAGE_PIXELS = 89_478_485
 _ONE_PATCH_IMAGE = Image.new("RGB", (30, 30))
