@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions"))
 
-from otterhd_ray.config import FaultsConfig, FinetuneConfig, load_finetune_config  # noqa: E402
+from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
 from otterhd_ray.data.buckets import assemble, collate_to_torch  # noqa: E402
 from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
@@ -148,9 +148,9 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(data_dir, tmp_path, f
     losses = {r["step"]: r["loss"] for r in full_history}
     assert len(losses) >= 6
     cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
-    with pytest.raises(InjectedStop):
-        # crashes one step after the checkpoint at step 3
-        _run(cfg.model_copy(update={"faults": FaultsConfig(stop_after_step=4)}), tmp_path / "ckpt")
+    with pytest.raises(InjectedStop):  # crashes one step after the checkpoint at step 3
+        _run(_cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2",
+                  "faults.stop_after_step=4"), tmp_path / "ckpt")
     ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]  # what survived the crash
     assert ckpt.name == "checkpoint_000003"
     _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
