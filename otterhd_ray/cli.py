@@ -90,9 +90,11 @@ def _add_convert_args(p: argparse.ArgumentParser, validate: bool) -> None:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from otterhd_ray.config import load_finetune_config
+    from otterhd_ray.data.checks import check_data
     from otterhd_ray.data.pipeline import run_pipeline_stats
 
     cfg = load_finetune_config(args.config, args.overrides)
+    cfg.data, _ = check_data(cfg.data, None)  # a corrupt / wrong-schema shard: one line naming it
     run_pipeline_stats(cfg, world_size=args.world_size)
     return 0
 

@@ -253,10 +253,11 @@ def index_file(path: str, tokenizer_dir: str, template: str, max_pixels: int) ->
                 try:
                     if not isinstance(rid, str) or not rid:
                         raise BadSample("missing_id", "row has no id")
-                    image = rows["image"][i].as_py() if "image" in rows else None
-                    if image is None:
-                        raise BadSample("missing_image", "image is null")
-                    h, w = image_size(image, max_pixels)
+                    if "image" not in rows:
+                        raise BadSample("missing_image", "the file has no image column")
+                    image = rows["image"][i].as_py()
+                    if image is not None:  # null: a text-only sample, size 0x0 (no patches)
+                        h, w = image_size(image, max_pixels)
                     conv = rows["conversations"][i].as_py() if "conversations" in rows else None
                     text = _text_tokens(processor, conv)
                 except BadSample as err:
@@ -327,7 +328,7 @@ def load_index(
 def prepare_index(cfg: DataConfig, tokenizer_dir: str | Path) -> int:
     """Build the length index of every file of the mix (call once on the driver before training);
     returns the number of indexed rows."""
-    files = [p for d in cfg.datasets for p in list_shard_files(d.path)]
+    files = [p for d in cfg.datasets for p in list_shard_files(d.path, d.exclude)]
     return sum(t.num_rows for t in load_index(cfg, str(tokenizer_dir), files)[0])
 
 
@@ -387,7 +388,8 @@ def _size_samples(cfg: DataConfig, plan: EpochPlan, index: list[pa.Table], epoch
                 _reject(out.ids[i], out.sources[i], c["reason"][fr], c["detail"][fr].as_py(), epoch, i, 0)
             )
             continue
-        hw = policy.size_for((int(c["height"][fr]), int(c["width"][fr])), float(uniforms[i]))
+        native = (int(c["height"][fr]), int(c["width"][fr]))
+        hw = (0, 0) if native == (0, 0) else policy.size_for(native, float(uniforms[i]))  # 0x0: text-only
         out.size_hw[i] = hw
         out.length[i] = num_image_tokens(hw) + int(c["text_tokens"][fr])
         out.keep.append(i)
@@ -401,7 +403,8 @@ def schedule_epoch(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if plan is None:
-        layouts = [[read_layout(p, i) for p in list_shard_files(d.path)] for i, d in enumerate(cfg.datasets)]
+        layouts = [[read_layout(p, i) for p in list_shard_files(d.path, d.exclude)]
+                   for i, d in enumerate(cfg.datasets)]
         plan = plan_epoch(cfg.datasets, cfg.seed, epoch, cfg.shuffle_window, layouts)
     index, file_keys = load_index(cfg, str(tokenizer_dir), [f.path for f in plan.files])
     sz = _size_samples(cfg, plan, index, epoch)
@@ -502,7 +505,8 @@ def preprocess_unit(payload: dict[str, Any]) -> list[dict[str, Any]]:
             data = table.column("image")[s["row"]].as_py()
             conv = table.column("conversations")[s["row"]].as_py()
             size = tuple(s["size"])
-            image = decode_image(data, payload["max_pixels"], draft_target=size if payload["draft"] else None)
+            image = None if data is None else decode_image(
+                data, payload["max_pixels"], draft_target=size if payload["draft"] else None)
             sample = processor.encode_conversation(image, conv, size=size)
             n = int(sample["num_tokens"])
             if n > s["length"]:  # the plan under-counted: the micro-batch could overflow; never truncate

@@ -208,17 +208,23 @@ class FuyuProcessor:
 
     def encode_conversation(
         self,
-        image: Image.Image,
+        image: Image.Image | None,
         conversations: Sequence[dict[str, Any]],
         size: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Training: image once, then per turn `template(instruction) <0x04>` ` {answer}` end; labels on answers + end.
 
+        `image=None`: a text-only sample (no patches; the token layout starts at `<s>`).
+
         `conversations` alternates `{"role": "user", "text": ...}` and `{"role": "assistant", "text": ...}`,
         starting with the user and ending with the assistant. Anything else raises `BadSample`.
         """
         turns = validate_conversation(conversations)
-        patches_PC, grid, bucket = self._image_part(image, size)
+        if image is None:  # text-only sample: no image rows, `<s>` then the turns (HF's text-only layout)
+            patches_PC = np.zeros((0, PATCH_DIM), np.uint8)
+            grid, bucket = np.zeros(2, np.int32), np.zeros(2, np.int32)
+        else:
+            patches_PC, grid, bucket = self._image_part(image, size)
         ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens)
         labels = [IGNORE_INDEX] * len(ids)
         for instruction, answer in turns:

@@ -274,12 +274,14 @@ def iter_json_records(path: PathLike) -> Iterator[tuple[int, Any]]:
 def _iter_json_array(f: Any, path: PathLike) -> Iterator[tuple[int, Any]]:
     import ijson
 
-    index = 0
+    count = 0
     try:
-        for index, record in enumerate(ijson.items(f, "item", use_float=True)):
-            yield index, record
-    except ijson.common.IncompleteJSONError as err:
-        raise ValueError(f"{path}: invalid JSON near record {index}: {err}") from None
+        for record in ijson.items(f, "item", use_float=True):
+            yield count, record
+            count += 1
+    except ijson.common.JSONError as err:
+        message = " ".join(str(err).split())
+        raise ValueError(f"{path}: invalid JSON after {count} records: {message}") from None
 
 
 def _iter_jsonl(f: Any) -> Iterator[tuple[int, Any]]:

@@ -6,7 +6,7 @@ directory). The text layout is found from the columns, once per file:
 
 - `texts` = [{user, assistant, source}] (the_cauldron: no placeholders, the images precede turn 1);
 - `messages` / `conversations` (sharegpt or LLaVA turns);
-- `instruction` + `output` (alpaca); `question` + `answer` (VQA).
+- `instruction` + `output` (alpaca); `question` (or `instruction`) + `answer` (VQA, MagnifierBench).
 
 Images may come without `<image>` placeholders here (they then precede the text, as in the_cauldron); when
 there are placeholders, their count must match. Files are read one row group at a time, in small batches.
@@ -46,7 +46,7 @@ def text_layout(names: list[str]) -> str | None:
         return "messages"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    if {"question", "answer"} <= cols:
+    if {"question", "answer"} <= cols or {"instruction", "answer"} <= cols:
         return "qa"
     return None
 
@@ -81,7 +81,7 @@ class HFConverter(Converter):
         layout = text_layout(schema.names)
         if layout is None:
             raise ValueError(f"{path}: no text columns (texts / messages / conversations / instruction+output / "
-                             f"question+answer); columns: {schema.names}")
+                             f"question+answer / instruction+answer); columns: {schema.names}")
         self.check_layout(layout, schema.names, path)
         images = [f.name for f in schema if is_image_type(f.type)]
         self._layout[path] = (layout, images)
@@ -108,7 +108,7 @@ class HFConverter(Converter):
         elif layout == "alpaca":
             turns = self._alpaca.parse({k: v for k, v in raw.items() if k != "images"}, path).turns
         elif layout == "qa":
-            question, answer = raw.get("question"), raw.get("answer")
+            question, answer = raw.get("question", raw.get("instruction")), raw.get("answer")
             if not isinstance(question, str) or not isinstance(answer, str):
                 raise RecordError("missing_text", "question and answer must be strings")
             turns = [("user", question), ("assistant", answer)]
