@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otterhd_ray.data.conversation import validate_conversation
 from otterhd_ray.data.images import BadSample, image_size
-from otterhd_ray.data.processor import validate_conversation
 from otterhd_ray.data.rejects import reject_row
 from otterhd_ray.data.shards import PathLike, ShardWriter, write_rejects
 
