@@ -79,10 +79,6 @@ class EpochPlan:
     def __len__(self) -> int:
         return len(self.file)
 
-    def source_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.dataset, minlength=len(self.datasets))
-        return {name: int(c) for name, c in zip(self.datasets, counts, strict=True)}
-
 
 def read_layout(path: str, dataset: int) -> FileLayout:
     fs, inner, _ = resolve_filesystem(path)
