@@ -22,15 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from otterhd_ray.config import DataConfig
-from otterhd_ray.data.buckets import num_image_tokens
 from otterhd_ray.data.pipeline.rejects import PREPROCESS_ERROR
 from otterhd_ray.data.pipeline.worker import processor_for, ray_ready
 from otterhd_ray.data.rejects import DETAIL_MAX_CHARS
 from otterhd_ray.data.shards import resolve_filesystem
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
     from otterhd_ray.data.processor import FuyuProcessor
 
 INDEX_VERSION = 1
@@ -50,21 +47,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 # --------------------------------------------------------------------------------------------- one row
-@lru_cache(maxsize=1)
-def _probe_image() -> Image:
-    # One blank image per process, never modified: it only stands in for a real one in `text_tokens`.
-    from PIL import Image
-
-    return Image.new("RGB", (30, 30))
-
-
-def text_tokens(processor: FuyuProcessor, conversations: Any) -> int:
-    """Tokens of everything but the image rows, by encoding against a one-patch image (the processor is the
-    only authority on the text layout; this keeps the index exact without duplicating it)."""
-    sample = processor.encode_conversation(_probe_image(), conversations, size=(30, 30))
-    return int(sample["num_tokens"]) - num_image_tokens((30, 30))
-
-
 def _cell(columns: dict[str, pa.ChunkedArray], name: str, i: int) -> Any:
     return columns[name][i].as_py() if name in columns else None
 
@@ -84,7 +66,7 @@ def _index_row(
         if image is None:
             raise BadSample("missing_image", "image is null")
         h, w = image_size(image, max_pixels)
-        return h, w, text_tokens(processor, _cell(columns, "conversations", i)), "", ""
+        return h, w, processor.num_text_tokens(_cell(columns, "conversations", i)), "", ""
     except BadSample as err:
         return h, w, 0, err.reason, err.detail
     except Exception as err:  # a bug or an exotic row must not stop the index; it is a reject

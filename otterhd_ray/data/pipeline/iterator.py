@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from otterhd_ray.config import DataConfig, FinetuneConfig
-from otterhd_ray.data.buckets import IGNORE_INDEX, PATCH_VALUES, assemble, collate_to_torch
+from otterhd_ray.data.buckets import assemble, collate_to_torch
 from otterhd_ray.data.pipeline.preprocess import (
     ReadUnit,
     RowGroupCache,
@@ -36,6 +36,7 @@ from otterhd_ray.data.pipeline.schedule import EpochSchedule, schedule_epoch
 from otterhd_ray.data.pipeline.stats import PipelineStats, format_stats
 from otterhd_ray.data.pipeline.worker import ray_has_spare_cpu
 from otterhd_ray.data.rejects import reject_row
+from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PATCH_DIM
 
 
 def filler_micro_batch(tokenizer_dir: str | Path) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def filler_micro_batch(tokenizer_dir: str | Path) -> dict[str, Any]:
         "position_ids": np.arange(3, dtype=np.int64),
         "cu_seqlens": np.array([0, 3], np.int32),
         "max_seqlen": 3,
-        "patches": np.zeros((1, PATCH_VALUES), np.uint8),
+        "patches": np.zeros((1, PATCH_DIM), np.uint8),
         "sample_index": np.zeros(0, np.int64),
         "num_target_tokens": 0,
     }
@@ -62,7 +63,7 @@ def _row_to_sample(row: dict[str, Any]) -> dict[str, Any]:
         "sample_index": int(row["sample_index"]),
         "input_ids": np.frombuffer(row["input_ids"], np.int32),
         "labels": np.frombuffer(row["labels"], np.int32),
-        "patches": np.frombuffer(row["patches"], np.uint8).reshape(-1, PATCH_VALUES),
+        "patches": np.frombuffer(row["patches"], np.uint8).reshape(-1, PATCH_DIM),
         "num_tokens": int(row["num_tokens"]),
     }
 
