@@ -6,7 +6,7 @@
    9:16 ... 16:9) in one process pinned to one CPU, no Ray: the cost one core pays per sample. Two kinds of
    JPEG: synth's scenes (smooth, like the training data) and the same scenes with pixel noise (high entropy,
    closer to photos, slower to decode). Policies: the default random buckets with and without JPEG draft
-   decoding, the seed's squares, and the worst case (every image kept at 1020 px, where draft cannot help).
+   decoding, OtterHD's squares (`otterhd` mode), and the worst case (every image kept at 1020 px, where draft cannot help).
    Stage times are CPU ms per sample (process CPU time, so other load on a shared machine does not count;
    `--wall` for wall time); "tokenize" is the processor's encode minus its resize and patchify.
 2. **Whole pipeline**, wall clock: `build_train_iterator` (one rank) over a shard of those JPEGs, in-process, and
@@ -41,11 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otterhd_ray.config import BucketConfig, DataConfig  # noqa: E402
-from otterhd_ray.data.buckets import BucketPolicy, sample_rng  # noqa: E402
+from otterhd_ray.data.buckets import BucketPolicy, epoch_uniforms  # noqa: E402
 from otterhd_ray.data.images import decode_image  # noqa: E402
 from otterhd_ray.data.processor import FuyuProcessor, patchify, resize_image  # noqa: E402
 from otterhd_ray.data.synth import draw_scene  # noqa: E402
 from otterhd_ray.data.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from otterhd_ray.models.fuyu import PATCH_SIZE  # noqa: E402
 
 CONV = [
     {"role": "user", "text": "What color is the small triangle in the top left of the image?"},
@@ -79,15 +80,16 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
     tokens = 0
     n = 0
     for p in range(passes):
+        draws = epoch_uniforms(0, p, len(jpegs))  # pass p draws as the pipeline's epoch p would
         for i, data in enumerate(jpegs):
             from otterhd_ray.data.images import image_size
 
             h, w = image_size(data, MAX_PIXELS)
             if policy is None:
                 s = 1020 / max(h, w)
-                size = (round(h * s / 30) * 30, round(w * s / 30) * 30)
+                size = (round(h * s / PATCH_SIZE) * PATCH_SIZE, round(w * s / PATCH_SIZE) * PATCH_SIZE)
             else:
-                size = policy.choose_size((h, w), sample_rng(0, p, i))
+                size = policy.size_for((h, w), float(draws[i]))
             t0 = clock()
             image = decode_image(data, MAX_PIXELS, draft_target=size if draft else None)
             t1 = clock()
@@ -162,7 +164,7 @@ def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
     # `rows` once (the tail of the epoch weighs a lot at this size), and 10 passes over them (each repeat draws
     # its own bucket, so lengths differ): closer to a real epoch of thousands of micro-batches.
     for num_samples in (-1, 10 * rows):
-        for mode in ("random", "seed"):
+        for mode in ("random", "otterhd"):
             for max_tokens in (8192, 16384):
                 for buffer in (32, 256):
                     spec = {"name": "syn", "path": str(work / "syn" / "train"), "num_samples": num_samples}
@@ -268,7 +270,7 @@ def main() -> None:
     policies = [
         ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), True),
         ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), False),
-        ("seed squares 448/512/768", BucketPolicy(BucketConfig(mode="seed")), True),
+        ("otterhd squares 448/512/768", BucketPolicy(BucketConfig(mode="otterhd")), True),
         ("all at 1020 px", None, True),
     ]
     for noisy in (False, True) if "core" in parts else ():
