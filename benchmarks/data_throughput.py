@@ -13,15 +13,22 @@
    with `--ray` through Ray Data on a local Ray with every CPU of this machine (samples/s / CPUs = per core).
 3. **Packing**: `schedule_epoch` on a synthetic mix (`otterhd data synth`) — real tokens / (micro-batches x
    max_tokens) for several budgets, bucket modes and packer buffers.
+4. **Convert** (`--parts convert`): `otterhd data convert --format llava` of a generated LLaVA JSON array
+   (`--convert-records`, default 50k and 200k; 1 in 16 text-only) whose images are local JPEG files (a pool of
+   `--convert-pool` distinct 448x336 files, referenced in turn), one process each, no Ray: records/s by wall
+   clock and per CPU-second, and the child's peak RSS (targets: >= 2,000 samples/s, <= 1 GB at any size).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -170,13 +177,70 @@ def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
     return out
 
 
+def write_llava_json(path: Path, n: int, pool: int) -> None:
+    """A LLaVA JSON array of `n` records written as a stream (the benchmark input never sits in memory)."""
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(n):
+            q = f"<image>\nWhat colour is the shape number {i}?" if i % 16 else f"Say hello #{i}."
+            record = {"id": f"rec-{i:07d}", "conversations": [{"from": "human", "value": q},
+                                                             {"from": "gpt", "value": "It is red, as drawn."}]}
+            if i % 16:
+                record["image"] = f"images/{i % pool:05d}.jpg"
+            f.write(("," if i else "") + json.dumps(record) + "\n")
+        f.write("]\n")
+
+
+_CONVERT_CHILD = """
+import json, sys, time
+from otterhd_ray.data.formats import ConvertRequest, convert
+t0, c0 = time.perf_counter(), time.process_time()
+stats = convert(ConvertRequest("llava", [sys.argv[1]], sys.argv[2]), say=lambda _l: None)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so it would report the (torch-laden) parent's.
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"samples": stats.num_samples, "rejected": stats.num_rejected, "wall": time.perf_counter() - t0,
+                  "cpu": time.process_time() - c0, "rss_kb": hwm}))
+"""
+
+
+def convert_table(sizes: list[int], pool: int, work: Path) -> None:
+    folder = work / "convert"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    kb = 0
+    for i in range(pool):
+        image = draw_scene(random.Random(f"conv-{i}"), "colour", long_min=448, long_max=448).image.resize((448, 336))
+        data = io.BytesIO()
+        image.save(data, format="JPEG", quality=90)
+        (folder / "images" / f"{i:05d}.jpg").write_bytes(data.getvalue())
+        kb += len(data.getvalue()) / 1024
+    print(f"\n| LLaVA records | JSON MB | accepted | samples/s (wall) | samples per CPU-second | peak RSS MB |  "
+          f"(JPEG pool {pool} x {kb / pool:.0f} KB, load average {os.getloadavg()[0]:.1f})")
+    print("|---|---|---|---|---|---|")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for n in sizes:
+        src, out = folder / f"llava_{n}.json", folder / f"out_{n}"
+        write_llava_json(src, n, pool)
+        proc = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, str(src), str(out)], env=env,
+                              capture_output=True, text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        total = r["samples"] + r["rejected"]
+        print(f"| {n:,} | {src.stat().st_size / 2**20:.0f} | {r['samples']:,} | {total / r['wall']:,.0f} | "
+              f"{total / r['cpu']:,.0f} | {r['rss_kb'] / 1024:.0f} |")
+        shutil.rmtree(out, ignore_errors=True)
+        src.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--pack-rows", type=int, default=800)
     ap.add_argument("--pipeline-samples", type=int, default=384)
-    ap.add_argument("--parts", default="core,pipeline,packing", help="comma list of: core, pipeline, packing")
+    ap.add_argument("--parts", default="core,pipeline,packing",
+                    help="comma list of: core, pipeline, packing, convert")
+    ap.add_argument("--convert-records", default="50000,200000", help="comma list of LLaVA JSON sizes")
+    ap.add_argument("--convert-pool", type=int, default=1000, help="distinct JPEG files the records point at")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--wall", action="store_true", help="time stages by wall clock instead of CPU time")
     args = ap.parse_args()
@@ -195,6 +259,11 @@ def main() -> None:
           f"python {platform.python_version()}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"command: python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}")
     print(f"load average {os.getloadavg()[0]:.1f}; stage times are {'wall' if args.wall else 'CPU'} ms per sample\n")
+    parts = set(args.parts.split(","))
+    if "convert" in parts:
+        convert_table([int(x) for x in args.convert_records.split(",")], args.convert_pool, work)
+        if parts == {"convert"}:
+            return
     print("| JPEGs (long side 1024) | buckets | draft | decode ms | resize ms | patchify ms | tokenize ms "
           "| total ms | samples/s/core | tokens/sample |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -204,7 +273,6 @@ def main() -> None:
         ("otterhd squares 448/512/768", BucketPolicy(BucketConfig(mode="otterhd")), True),
         ("all at 1020 px", None, True),
     ]
-    parts = set(args.parts.split(","))
     for noisy in (False, True) if "core" in parts else ():
         jpegs = make_jpegs(args.images, noisy)
         kb = sum(map(len, jpegs)) / len(jpegs) / 1024

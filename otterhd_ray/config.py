@@ -32,6 +32,10 @@ class DatasetSpec(Strict):
     num_samples: int = Field(
         -1, description="-1: every sample once; larger than the dataset: repeats; smaller: fixed-seed subsample."
     )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Files of `path` to leave out; the driver adds unreadable ones when data.on_bad_file is skip.",
+    )
 
 
 class BucketConfig(Strict):
@@ -88,6 +92,11 @@ class DataConfig(Strict):
     packing_buffer_size: int = Field(256, gt=0, description="Samples the packer buffers per bucket group.")
     shuffle_window: int = Field(1024, gt=0, description="Rows shuffled together after the row-group shuffle.")
     draft_decode: bool = Field(True, description="JPEG draft (DCT-scaled) decode when the bucket is small.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="A corrupt or wrong-schema shard file: error = refuse to start naming it; skip = leave it out "
+        "and count it (checked on the driver before any worker starts).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model

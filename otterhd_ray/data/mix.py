@@ -163,7 +163,7 @@ def plan_epoch(
     if len(set(names)) != len(names):
         raise ValueError(f"dataset names in the mix must be unique, got {names}")
     if layouts is None:
-        layouts = [[read_layout(p, i) for p in list_shard_files(d.path)] for i, d in enumerate(datasets)]
+        layouts = [[read_layout(p, i) for p in list_shard_files(d.path, d.exclude)] for i, d in enumerate(datasets)]
     files: list[FileLayout] = [f for group in layouts for f in group]
     file_base = np.cumsum([0] + [len(group) for group in layouts])
     chunks = [c for i, (spec, group) in enumerate(zip(datasets, layouts, strict=True))

@@ -62,10 +62,11 @@ def _index_row(
         rid = _cell(columns, "id", i)
         if not isinstance(rid, str) or not rid:
             raise BadSample("missing_id", "row has no id")
+        if "image" not in columns:
+            raise BadSample("missing_image", "the file has no image column")
         image = _cell(columns, "image", i)
-        if image is None:
-            raise BadSample("missing_image", "image is null")
-        h, w = image_size(image, max_pixels)
+        if image is not None:  # null: a text-only sample, size 0x0 (no patches)
+            h, w = image_size(image, max_pixels)
         return h, w, processor.num_text_tokens(_cell(columns, "conversations", i)), "", ""
     except BadSample as err:
         return h, w, 0, err.reason, err.detail

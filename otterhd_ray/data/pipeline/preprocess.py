@@ -127,7 +127,9 @@ def _preprocess_sample(s: dict[str, Any], payload: dict[str, Any], processor: Fu
     data = table.column("image")[s["row"]].as_py()
     conv = table.column("conversations")[s["row"]].as_py()
     size = tuple(s["size"])
-    image = decode_image(data, payload["max_pixels"], draft_target=size if payload["draft"] else None)
+    image = None if data is None else decode_image(  # null: a text-only sample
+        data, payload["max_pixels"], draft_target=size if payload["draft"] else None
+    )
     sample = processor.encode_conversation(image, conv, size=size)
     n = int(sample["num_tokens"])
     if n > s["length"]:  # the plan under-counted: the micro-batch could overflow; never truncate

@@ -85,7 +85,8 @@ def _size_samples(cfg: DataConfig, plan: EpochPlan, index: list[pa.Table], epoch
             out.rejects.append(reject_row(out.ids[i], out.sources[i], c["reason"][fr], detail,
                                           epoch=epoch, sample_index=i, rank=0))
             continue
-        hw = policy.size_for((int(c["height"][fr]), int(c["width"][fr])), float(uniforms[i]))
+        native = (int(c["height"][fr]), int(c["width"][fr]))
+        hw = (0, 0) if native == (0, 0) else policy.size_for(native, float(uniforms[i]))  # 0x0: text-only
         out.size_hw[i] = hw
         out.length[i] = num_image_tokens(hw) + int(c["text_tokens"][fr])
         out.keep.append(i)
