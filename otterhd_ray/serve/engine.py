@@ -10,6 +10,7 @@ Tensor names: `T` prompt tokens, `P` image patches, `C` = 2700 patch values.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator, MutableSet, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from otterhd_ray.serve.protocol import APIError, ChatRequest
 
 # stream_generate(model, prompts, params, *, share_prefix, cancelled) -> per step [(prompt_index, token_id)]
 StreamFn = Callable[..., Iterator[list[tuple[int, int]]]]
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 PROMPT_STYLES = {"otterhd": "User:{instruction} Assistant:", "fuyu": "{instruction}"}
 
 
@@ -60,13 +62,17 @@ Event = Delta | Finished | Failed
 
 @dataclass
 class RowDecoder:
-    """Token ids of one row -> text deltas. Holds back text that may still become a stop string, and an
-    incomplete UTF-8 sequence (byte-fallback pieces decode to U+FFFD until the last byte arrives)."""
+    """Token ids of one row -> text deltas whose concatenation is the decode of all ids.
+
+    Held back until it is final: text that may still become a stop string, and a run of byte-fallback pieces
+    (`<0xE1>`...): the tokenizer decodes a run together and turns every byte of an invalid run into U+FFFD, so
+    `|` from `<0x7C>` becomes `\ufffd` once `<0xE1>` follows; decoding is prefix-stable only between runs."""
 
     decode: Callable[[list[int]], str]
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...]
     max_tokens: int
+    byte_ids: frozenset[int] = frozenset()
     ids: list[int] = field(default_factory=list)
     num_tokens: int = 0
     sent: str = ""
@@ -87,11 +93,10 @@ class RowDecoder:
         if self.num_tokens >= self.max_tokens:
             self.finish_reason = "length"
             return self._flush(text)
-        hold = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        safe = text[: len(text) - hold]
-        if safe.endswith("\ufffd"):
+        if token in self.byte_ids:
             return ""
-        return self._flush(safe)
+        hold = max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._flush(text[: len(text) - hold])
 
     def text(self) -> str:
         # The answer follows "<0x04> " in training, so its first piece carries a word-start space: drop it.
@@ -127,6 +132,7 @@ class Engine:
         self.tokens = fuyu_tokens(tokenizer)
         self.template = PROMPT_STYLES[prompt_style]
         self._boa = BOA_TOKEN
+        self.byte_ids = frozenset(i for piece, i in tokenizer.get_vocab().items() if _BYTE_PIECE.fullmatch(piece))
         self.stop_ids = frozenset({self.tokens.end} | ({int(tokenizer.eos_token_id)}
                                                        if tokenizer.eos_token_id is not None else set()))
         self.default_max_tokens = default_max_tokens
@@ -212,7 +218,8 @@ class Engine:
         import torch
 
         cancelled = set() if cancelled is None else cancelled
-        rows = [RowDecoder(self.decode, p.params.stop_ids, p.request.stop, p.params.max_new_tokens) for p in batch]
+        rows = [RowDecoder(self.decode, p.params.stop_ids, p.request.stop, p.params.max_new_tokens, self.byte_ids)
+                for p in batch]
         prompts = [(p.input_ids_T, p.patches_PC) for p in batch]
         with torch.inference_mode():
             steps = self._stream()(self.model, prompts, [p.params for p in batch], share_prefix=self.share_prefix,

@@ -62,6 +62,15 @@ def offline_answer(model, engine, text: str, image: bytes | None, max_tokens: in
     return engine.decode(kept).lstrip(), len(ids)
 
 
+def has_stream_generate() -> bool:
+    """Whether the model package itself has `stream_generate` (subprocesses cannot see the test adapter)."""
+    import subprocess
+    import sys
+
+    probe = "import otterhd_ray.models.fuyu as f; raise SystemExit(0 if hasattr(f, 'stream_generate') else 1)"
+    return subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # TEMPORARY, tests only: until branch r-model's `stream_generate`/`SamplingParams` reach this branch, an adapter
 # over `model.generate` (greedy only) stands in with the same signature. Removed at the merge.
