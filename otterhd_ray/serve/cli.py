@@ -73,7 +73,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from otterhd_ray.serve.deployment import build_app
+    from otterhd_ray.serve.deployment import make_app
 
     opts = _options(args, _MODEL_FLAGS + _SERVE_FLAGS)
     if opts.api_key_env:
@@ -87,7 +87,7 @@ def serve_main(args: argparse.Namespace) -> int:
         gpus = 1 if torch.cuda.is_available() else 0
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(opts.model_dump(), num_replicas=args.replicas, num_gpus=gpus)
+    app = make_app(opts, num_replicas=args.replicas, num_gpus=gpus)
     serve.run(app, name="otterhd", route_prefix="/")
     print(f"serving {opts.served_name} at http://{args.host}:{args.port}/v1 (web page at /); Ctrl-C stops",
           flush=True)

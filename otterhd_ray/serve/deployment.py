@@ -17,7 +17,7 @@ from ray import serve
 
 from otterhd_ray.serve.app import create_app
 from otterhd_ray.serve.build import build_service
-from otterhd_ray.serve.options import load_options
+from otterhd_ray.serve.options import ServeOptions, load_options
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,13 +41,15 @@ class OtterHDDeployment:
             raise RuntimeError("the batching worker has stopped")
 
 
-def build_app(args: dict[str, Any], num_replicas: int | None = None, num_gpus: float | None = None) -> Any:
-    """Serve application builder (`serve run ...:build_app`, `import_path` in a Serve config).
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder (`serve run otterhd_ray.serve.deployment:build_app`, `import_path` in a Serve
+    config): `args` are `ServeOptions` keys, checked here before any replica starts. Replicas and GPUs come from
+    the config's `deployments:` section."""
+    return make_app(load_options(dict(args), "serve application args"))
 
-    `args` are `ServeOptions` keys; unknown ones fail here, before any replica starts. Replica count and GPUs
-    come from the Serve config's `deployments:` section or these arguments (the `otterhd serve` flags)."""
-    opts = load_options(dict(args), "serve application args")
-    deployment = OtterHDDeployment
+
+def make_app(opts: ServeOptions, num_replicas: int | None = None, num_gpus: float | None = None) -> Any:
+    """The bound application; `num_replicas` / `num_gpus` are the `otterhd serve` flags."""
     overrides: dict[str, Any] = {
         # Above what the batcher holds, so a full queue is answered by our 429, not by Serve's back-pressure.
         "max_ongoing_requests": opts.max_batch_size + opts.max_queue + 16,
@@ -56,4 +58,4 @@ def build_app(args: dict[str, Any], num_replicas: int | None = None, num_gpus: f
         overrides["num_replicas"] = num_replicas
     if num_gpus is not None:
         overrides["ray_actor_options"] = {"num_gpus": num_gpus}
-    return deployment.options(**overrides).bind(opts.model_dump())
+    return OtterHDDeployment.options(**overrides).bind(opts.model_dump())
