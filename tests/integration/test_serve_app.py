@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import serve_support  # noqa: E402
-from serve_support import has_stream_generate, image_bytes, make_model_dir, offline_answer, user_message  # noqa: E402
+from serve_support import image_bytes, make_model_dir, offline_answer, user_message  # noqa: E402
 
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
@@ -41,51 +40,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _adapter_deployment():
-    """TEMPORARY until r-model's stream_generate is merged: the same app, with the test adapter installed in the
-    replica (tests/integration is on the workers' PYTHONPATH). The real `OtterHDDeployment` is used as soon as the
-    API exists."""
-    @serve.deployment(name="OtterHD", max_ongoing_requests=256)
-    @serve.ingress()
-    class AdapterDeployment:
-        def __init__(self, options):
-            import pytest as _pytest
-
-            from otterhd_ray.serve.build import build_service
-            from otterhd_ray.serve.metrics import RayMetrics
-            from otterhd_ray.serve.options import load_options
-
-            serve_support.install_generate_adapter(_pytest.MonkeyPatch())
-            opts = load_options(options)
-            self.service = build_service(opts, metrics=RayMetrics(opts.served_name))
-
-        def __serve_build_asgi_app__(self):
-            from otterhd_ray.serve.app import create_app
-
-            return create_app(self.service)
-
-    return AdapterDeployment
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_tokenizer_dir):
     model_dir = make_model_dir(tmp_path_factory.mktemp("serve_app_model"), tiny_tokenizer_dir)
     http_port, metrics_port = _free_port(), _free_port()
-    # Workers inherit the driver's environment: let them import this directory's helpers by name.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), str(ROOT),
-                                                           os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        args = {**SERVE_ARGS, "model": str(model_dir)}
-        if has_stream_generate():
-            from otterhd_ray.serve.deployment import build_app
+        from otterhd_ray.serve.deployment import build_app
 
-            application = build_app(args)
-        else:
-            application = _adapter_deployment().bind(args)
-        serve.run(application, name="otterhd", route_prefix="/", blocking=False)
+        serve.run(build_app({**SERVE_ARGS, "model": str(model_dir)}), name="otterhd", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 240
         while True:
@@ -104,21 +69,13 @@ def app(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def oracle(app, monkeypatch_module):
+def oracle(app):
     """The offline engine on this process: same model dir, reference greedy generate."""
-    serve_support.install_generate_adapter(monkeypatch_module)
     from otterhd_ray.serve.build import load_engine
     from otterhd_ray.serve.options import load_options
 
     engine = load_engine(load_options({**SERVE_ARGS, "model": str(app["model_dir"])}))
     return lambda text, image: offline_answer(engine.model, engine, text, image, MAX_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def _client(app) -> openai.OpenAI:

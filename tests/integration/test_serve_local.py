@@ -20,9 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_support import (  # noqa: E402
-    has_stream_generate,
     image_bytes,
-    install_generate_adapter,
     make_model_dir,
     offline_answer,
     user_message,
@@ -42,8 +40,6 @@ def model_dir(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="module")
 def server(model_dir):
     """The app on 127.0.0.1:<free port> in a background thread; yields (base_url, service)."""
-    mp = pytest.MonkeyPatch()
-    install_generate_adapter(mp)
     from otterhd_ray.serve.app import create_app
     from otterhd_ray.serve.build import build_service
     from otterhd_ray.serve.options import ServeOptions
@@ -64,7 +60,6 @@ def server(model_dir):
     yield f"http://127.0.0.1:{port}", service
     srv.should_exit = True
     thread.join(timeout=10)
-    mp.undo()
 
 
 def _client(base: str, **kw) -> openai.OpenAI:
@@ -211,7 +206,6 @@ def test_full_queue_answers_429_with_retry_after(server):
 
 @pytest.mark.timeout(300)
 def test_api_key(model_dir, monkeypatch):
-    install_generate_adapter(monkeypatch)
     import httpx
 
     from otterhd_ray.serve.app import create_app
@@ -249,9 +243,7 @@ def test_api_key(model_dir, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_chat_command_on_stdin(model_dir, tmp_path):
-    # `otterhd chat` in a subprocess: the adapter cannot reach it, so run it only with the real stream_generate.
-    if not has_stream_generate():
-        pytest.skip("needs otterhd_ray.models.fuyu.stream_generate (branch r-model)")
+    # `otterhd chat` as a user runs it: a subprocess reading a script on stdin.
     img = tmp_path / "cat.png"
     img.write_bytes(image_bytes(5))
     script = "What is this?\n/reset\n/image /no/such/file.png\nAgain?\n/quit\n"
