@@ -5,6 +5,7 @@ No Ray here: the Serve deployment, the chat command and the tests all build thro
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from otterhd_ray.serve.app import ChatService
@@ -16,16 +17,19 @@ from otterhd_ray.serve.options import ServeOptions
 
 
 def load_adapter_into(model: Any, adapter_dir: str) -> Any:
-    """Apply a LoRA adapter directory with the model package's own loader; refuse clearly where there is none."""
-    import otterhd_ray.models.fuyu as fuyu
-
-    loader = getattr(fuyu, "load_adapter", None)
-    if loader is None:
+    """Attach a PEFT LoRA adapter directory with the model package's loader (`models/fuyu/peft.py`,
+    `load_peft_adapter`), then merge it into the base weights once: serving pays no per-token adapter matmuls.
+    Where the package has no LoRA support the option is refused, never ignored."""
+    try:
+        peft = importlib.import_module("otterhd_ray.models.fuyu.peft")
+        lora = importlib.import_module("otterhd_ray.models.fuyu.lora")
+    except ImportError:
         raise ValueError(
-            f"--adapter {adapter_dir}: this install has no LoRA adapter loader (otterhd_ray.models.fuyu."
-            "load_adapter); export a merged model with `otterhd export --merge` and serve that instead"
-        )
-    return loader(model, adapter_dir) or model
+            f"--adapter {adapter_dir}: this install has no LoRA support (otterhd_ray.models.fuyu.peft); serve a "
+            "merged export instead (`otterhd export --merge`)"
+        ) from None
+    peft.load_peft_adapter(model, adapter_dir)
+    return lora.remove_lora(model, merge_first=True)
 
 
 def load_engine(options: ServeOptions) -> Engine:

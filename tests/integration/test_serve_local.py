@@ -280,3 +280,39 @@ def test_chat_session_streams_and_keeps_history(server, tmp_path):
     assert [t.role for t in session.turns] == ["user", "assistant", "user", "assistant"]
     assert session.turns[1].text == expected
     assert lines[2].startswith("unknown command '/bogus'")
+
+
+@pytest.mark.timeout(300)
+def test_adapter_option_loads_and_merges_or_refuses_clearly(model_dir, tmp_path):
+    import importlib
+
+    import torch
+
+    from otterhd_ray.serve.build import load_engine
+    from otterhd_ray.serve.options import ServeOptions
+
+    try:
+        peft = importlib.import_module("otterhd_ray.models.fuyu.peft")
+        lora = importlib.import_module("otterhd_ray.models.fuyu.lora")
+    except ImportError:
+        with pytest.raises(ValueError, match="no LoRA support"):
+            load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path), device="cpu"))
+        return
+    from otterhd_ray.models.fuyu import load_hf
+
+    # A non-trivial adapter: random A and B, saved as PEFT files; the served model must answer like base+adapter.
+    model = load_hf(model_dir)
+    lora.add_lora(model, lora.LoraSpec(r=4, alpha=8.0, dropout=0.0, targets=lora.TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora" in name:
+                param.normal_(0, 0.5)
+    peft.save_peft_adapter(model, tmp_path / "adapter")
+    engine = load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path / "adapter"), device="cpu"))
+    base = load_engine(ServeOptions(model=str(model_dir), device="cpu"))
+    img = image_bytes(7)
+    with_adapter, _ = offline_answer(model.eval(), engine, "What is this?", img, 6)
+    served, _ = offline_answer(engine.model, engine, "What is this?", img, 6)
+    plain, _ = offline_answer(base.model, base, "What is this?", img, 6)
+    assert served == with_adapter and served != plain
