@@ -88,10 +88,10 @@ def serve_main(args: argparse.Namespace) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = make_app(opts, num_replicas=args.replicas, num_gpus=gpus)
-    serve.run(app, name="otterhd", route_prefix="/")
-    print(f"serving {opts.served_name} at http://{args.host}:{args.port}/v1 (web page at /); Ctrl-C stops",
-          flush=True)
     try:
+        serve.run(app, name="otterhd", route_prefix="/")
+        print(f"serving {opts.served_name} at http://{args.host}:{args.port}/v1 (web page at /); Ctrl-C stops",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
