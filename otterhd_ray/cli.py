@@ -9,6 +9,8 @@
     otterhd finetune --config FILE [key.path=value ...]
     otterhd export CHECKPOINT OUT_DIR
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
+    otterhd serve --model DIR [--adapter DIR] [--replicas N] [--gpus-per-replica G] [--port P]
+    otterhd chat --model DIR [--image FILE]
     otterhd demo [--workdir DIR]
 
 Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
@@ -127,6 +129,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from otterhd_ray.serve.cli import serve_main
+
+    return serve_main(args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from otterhd_ray.serve.cli import chat_command
+
+    return chat_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otterhd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    from otterhd_ray.serve.cli import add_chat_args, add_serve_args
+
+    p = sub.add_parser("serve", help="OpenAI-compatible Ray Serve app (+ web page at /)")
+    add_serve_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive terminal chat with a local model (no Serve)")
+    add_chat_args(p)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
     p.add_argument("--workdir", default="demo_output")
