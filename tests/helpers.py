@@ -58,6 +58,17 @@ def sample(cfg: Any, rows: int, cols: int, num_text: int, seed: int, num_targets
     return Sample(ids_T, patches_PD, labels_T)
 
 
+def questions(cfg: Any, rows: int, cols: int, num: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`num` prompts about one image (one patches tensor, as the predictor passes): image, <s>, common text,
+    then a question of its own (lengths differ) — the shared-prefix decoding tests' groups."""
+    g = torch.Generator().manual_seed(seed)
+    patches_PD = torch.randint(0, 256, (rows * cols, cfg.patch_dim), dtype=torch.uint8, generator=g)
+    image = ([cfg.image_token_id] * cols + [cfg.image_token_id + 1]) * rows
+    head = image + [cfg.bos_token_id] + torch.randint(3, cfg.image_token_id, (3,), generator=g).tolist()
+    own = [torch.randint(3, cfg.image_token_id, (2 + 3 * q,), generator=g).tolist() for q in range(num)]
+    return [(torch.tensor(head + tail), patches_PD) for tail in own]
+
+
 def pack(samples: list[Sample], device: torch.device | str | None = None) -> dict[str, Any]:
     """The packed micro-batch of docs/internals.md, written out independently of the data layer (the model
     tests' oracle): targets shifted within each sample, positions restarting per sample."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from otterhd_ray.config import FinetuneConfig
+from otterhd_ray.data.checks import preflight
 from otterhd_ray.raycluster import connect
 
 logger = logging.getLogger("otterhd_ray.train")
@@ -94,6 +95,7 @@ def run_finetune(cfg: FinetuneConfig) -> Any:
     """
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
+    cfg = preflight(cfg, world_size=max(cfg.ray.num_workers, 1))  # bad files / no usable rows: one line, now
     loop_config = {"config": cfg.model_dump(mode="json")}
     started = time.perf_counter()
     if cfg.ray.num_workers == 0:
