@@ -76,7 +76,7 @@ def is_oom(err: BaseException) -> bool:
 
 # ------------------------------------------------------------------------------------ transformers side
 def build_hf_model(cfg: Any, dtype: torch.dtype, device: str, attn: str) -> Any:
-    from transformers import FuyuConfig, FuyuForCausalLM  # noqa: PLC0415
+    from transformers import FuyuConfig, FuyuForCausalLM
 
     hf_cfg = FuyuConfig(**cfg.to_hf_dict())
     previous = torch.get_default_dtype()
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = seed_rows[0]["items_per_s"] if seed_rows else None
     text = table(rows, baseline)
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    import transformers  # noqa: PLC0415
+    import transformers
 
     header = (
         f"Eval throughput, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {card}, torch {torch.__version__}, "

@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from otterhd_ray.eval.config import load_benchmark_config  # noqa: PLC0415
-    from otterhd_ray.eval.pipeline import run_evaluation  # noqa: PLC0415
+    from otterhd_ray.eval.config import load_benchmark_config
+    from otterhd_ray.eval.pipeline import run_evaluation
 
     try:
         cfg = load_benchmark_config(args.config, args.overrides)

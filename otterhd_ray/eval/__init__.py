@@ -10,7 +10,7 @@ from typing import Any
 
 def run_evaluation(cfg: Any, **kwargs: Any) -> dict[str, Any]:
     """Evaluate every model x dataset of a `BenchmarkConfig`; returns the metrics (also written to disk)."""
-    from otterhd_ray.eval.pipeline import run_evaluation as _run  # noqa: PLC0415 - keep package import light
+    from otterhd_ray.eval.pipeline import run_evaluation as _run  # lazy: keep the package import light
 
     return _run(cfg, **kwargs)
 

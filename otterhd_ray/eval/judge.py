@@ -206,7 +206,7 @@ def backoff_delay(
 
 def classify_openai_error(err: BaseException) -> RetryableError | None:
     """A retryable error (with its reason and Retry-After), or None when retrying cannot help."""
-    import openai  # noqa: PLC0415
+    import openai
 
     if isinstance(err, openai.APITimeoutError):
         return RetryableError("timeout", str(err))
@@ -258,7 +258,7 @@ class OpenAIJudge:
 
     def _get_client(self) -> Any:
         if self._client is None:
-            import openai  # noqa: PLC0415
+            import openai
 
             common = {"api_key": self._api_key, "timeout": self.cfg.timeout, "max_retries": 0}
             if self.cfg.api_type == "azure":

@@ -159,7 +159,7 @@ def _rows_from_parquet(files: list[Path]) -> Iterator[dict[str, Any]]:
 
 def _rows_from_hub(spec: BenchDatasetSpec) -> Iterator[dict[str, Any]]:
     try:
-        import datasets  # noqa: PLC0415 - optional: only for hub ids
+        import datasets  # optional: only for hub ids
     except ImportError:
         datasets = None
     if datasets is not None:
@@ -178,7 +178,7 @@ def _rows_from_hub(spec: BenchDatasetSpec) -> Iterator[dict[str, Any]]:
         yield from ds
         return
     try:
-        from huggingface_hub import snapshot_download  # noqa: PLC0415
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise ValueError(
             f"{spec.data_path!r} is not a local path and neither `datasets` nor `huggingface_hub` is installed"

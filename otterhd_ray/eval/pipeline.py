@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -42,6 +41,7 @@ from otterhd_ray.eval.magnifierbench import (
 )
 from otterhd_ray.eval.report import write_report
 from otterhd_ray.eval.scoring import parse_mc
+from otterhd_ray.raycluster import connect, has_cluster_address
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +115,6 @@ class _JudgeRunner:
         self.loop.close()
 
 
-def ensure_ray(cfg: BenchmarkConfig) -> bool:
-    """Connect to the configured / RAY_ADDRESS cluster, else start a local one; True when we started it."""
-    import ray  # noqa: PLC0415
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # More logical CPUs than cores: actors hold fractional CPUs and Ray Data's read/split tasks still get
-        # slots on a small machine (a pool of 1-CPU actors on 2 CPUs starves them and hangs).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-    return True
-
-
 def _model_inputs(items: list[BenchItem], model: BenchModelSpec, dataset: BenchDatasetSpec) -> list[dict]:
     return [
         {
@@ -145,7 +129,7 @@ def _model_inputs(items: list[BenchItem], model: BenchModelSpec, dataset: BenchD
 
 def _predict_stream(cfg: BenchmarkConfig, model: BenchModelSpec, rows: list[dict], predictor_cls: Any):
     """Yield the predictor's output rows as their batches finish."""
-    import ray  # noqa: PLC0415
+    import ray
 
     # Ray Data bundles blocks up to batch_size per call: with few items a full batch would leave actors idle,
     # so shrink the batch until every actor gets one.
@@ -210,11 +194,11 @@ class _EvalMetrics:
         self._start = time.perf_counter()
         self._done = 0
         try:
-            import ray  # noqa: PLC0415
+            import ray
 
             if not ray.is_initialized():
                 return
-            from ray.util.metrics import Counter, Gauge  # noqa: PLC0415
+            from ray.util.metrics import Counter, Gauge
         except ImportError:
             return
         keys = ("model", "dataset")
@@ -474,9 +458,9 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Evaluate every model on every dataset of `cfg`; write metrics.json / report.md; return the metrics."""
     if predictor_cls is None:
-        from otterhd_ray.eval.predictor import Predictor as predictor_cls  # noqa: N813, PLC0415
+        from otterhd_ray.eval.predictor import Predictor as predictor_cls  # noqa: N813
 
-        if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        if not has_cluster_address(cfg.ray_address):
             # A local run reads the model on this machine: say so now, not after Ray and the actors start.
             for model in cfg.models:
                 if not Path(model.model_path).expanduser().is_dir():
@@ -490,7 +474,7 @@ def run_evaluation(
         key = (ds.data_path, ds.split, ds.max_items)
         if key not in loaded:
             loaded[key] = load_magnifierbench(ds)
-    started = ensure_ray(cfg)
+    started = connect(cfg.ray_address)  # True: this run initialised Ray (and shuts it down)
     runs = []
     try:
         for model in cfg.models:
@@ -502,7 +486,7 @@ def run_evaluation(
                 )
     finally:
         if started:
-            import ray  # noqa: PLC0415
+            import ray
 
             ray.shutdown()
     metrics = {

@@ -36,7 +36,7 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def pick_device(device: str) -> str:
-    import torch  # noqa: PLC0415
+    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +46,7 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> Any:
-    import torch  # noqa: PLC0415
+    import torch
 
     if dtype == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -66,8 +66,8 @@ class Predictor:
         preprocess_threads: int = 4,
         share_prefix: bool = True,
     ) -> None:
-        from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: PLC0415
-        from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
+        from otterhd_ray.data.tokenizer import load_tokenizer
+        from otterhd_ray.models.fuyu.hf import load_hf
 
         device = pick_device(device)
         model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
@@ -103,8 +103,8 @@ class Predictor:
         preprocess_threads: int,
         share_prefix: bool = True,
     ) -> None:
-        from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
-        from otterhd_ray.data.tokenizer import fuyu_tokens  # noqa: PLC0415
+        from otterhd_ray.data.processor import FuyuProcessor
+        from otterhd_ray.data.tokenizer import fuyu_tokens
 
         self.resolution = resolution
         self.max_new_tokens = max_new_tokens
@@ -126,10 +126,10 @@ class Predictor:
         Runs in a thread pool (Pillow and numpy release the GIL), so a batch's images are prepared in parallel,
         and once per item: both questions share the patches. Returns the error text for an unusable image.
         """
-        import torch  # noqa: PLC0415
+        import torch
 
-        from otterhd_ray.data.images import decode_image  # noqa: PLC0415
-        from otterhd_ray.data.processor import patchify, resize_image  # noqa: PLC0415
+        from otterhd_ray.data.images import decode_image
+        from otterhd_ray.data.processor import patchify, resize_image
 
         try:
             image = resize_image(resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution))
@@ -145,9 +145,9 @@ class Predictor:
         tokenizers are not safe to call from several threads). tests/unit/test_eval_predictor.py checks equality
         with encode_prompt.
         """
-        import torch  # noqa: PLC0415
+        import torch
 
-        from otterhd_ray.data.processor import image_token_ids  # noqa: PLC0415
+        from otterhd_ray.data.processor import image_token_ids
 
         ids = image_token_ids(grid, self.processor.tokens) + self.processor.encode_text(text)
         return torch.as_tensor(ids, dtype=torch.long)
@@ -177,7 +177,7 @@ class Predictor:
                 prompts.append((prompt_ids, patches))
                 owners.append((i, kind))
                 num_prompt[i] += int(prompt_ids.numel())
-        import torch  # noqa: PLC0415
+        import torch
 
         start = time.perf_counter()
         with torch.inference_mode():

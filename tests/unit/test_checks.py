@@ -108,7 +108,7 @@ def test_finetune_refuses_to_start_with_one_line(data, tmp_path, capsys, monkeyp
     from otterhd_ray.finetune import main as finetune_main
     from otterhd_ray.train import trainer
 
-    monkeypatch.setattr(trainer, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(trainer, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     folder = with_bad_file(data, tmp_path, "shard-00001b.parquet", CORRUPT)
     cfg_file = tmp_path / "ft.yaml"
     cfg_file.write_text("{}\n")

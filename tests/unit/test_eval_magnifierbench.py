@@ -17,8 +17,7 @@ from otterhd_ray.eval.magnifierbench import (
     mc_prompt,
     split_instruction,
 )
-
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench"
+from tests.helpers import shared_fixture
 
 
 def _png(color=(255, 0, 0)) -> bytes:
@@ -50,9 +49,8 @@ def _row(i: int, images: int = 1, instruction: str | None = None, answer: str = 
     }
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="shared fixture absent")
 def test_loads_the_hf_fixture_layout():
-    res = load_magnifierbench(BenchDatasetSpec(data_path=str(FIXTURE)))
+    res = load_magnifierbench(BenchDatasetSpec(data_path=str(shared_fixture("magnifierbench"))))
     assert res.num_rows == 6 and len(res.items) == 6 and not res.skipped
     item = res.items[0]
     assert item.question.endswith("?") and set(item.options) == {"A", "B", "C", "D"}
