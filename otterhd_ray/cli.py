@@ -6,6 +6,7 @@
     otterhd finetune --config FILE [key.path=value ...]
     otterhd export CHECKPOINT OUT_DIR
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
+    otterhd evaluate --predictions FILE (--config FILE | --benchmark NAME [--data-path P])
     otterhd demo [--workdir DIR]
 
 Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
@@ -74,7 +75,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from otterhd_ray.evaluate import main as evaluate_main
 
-    argv = ["--config", args.config, *args.overrides]
+    argv = [*args.overrides]
+    for flag in ("config", "predictions", "benchmark", "data_path", "split", "output_dir"):
+        if getattr(args, flag) is not None:
+            argv = [f"--{flag.replace('_', '-')}", getattr(args, flag), *argv]
     return evaluate_main(argv) or 0
 
 
@@ -122,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")
-    _add_config_args(p)
+    from otterhd_ray.evaluate import build_parser as evaluate_parser
+
+    p = sub.add_parser(
+        "evaluate",
+        help="benchmark evaluation (the seed's benchmark.yaml runs as is), or --predictions FILE to score",
+        parents=[evaluate_parser()],
+        add_help=False,
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
