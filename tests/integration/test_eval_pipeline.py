@@ -34,7 +34,8 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 
 # ------------------------------------------------------------------------------------------- fakes
 class FakePredictor:
-    """Same constructor and columns as eval.predictor.Predictor; always picks option A (letter and text)."""
+    """Same constructor and columns as eval.predictor.Predictor (no model). MagnifierBench items (two prompts)
+    get option A as letter and text; every other question gets "A"."""
 
     def __init__(self, model_path, resolution=-1, max_new_tokens=8, device="auto", dtype="auto", **kwargs):
         self.model_path = model_path
@@ -45,16 +46,19 @@ class FakePredictor:
     def _fail(self, item_id: str) -> bool:
         return False
 
+    def _answers(self, texts: list[str]) -> list[str]:
+        return ["A", self._option_a(texts[0])] if len(texts) == 2 else ["A"] * len(texts)
+
     def __call__(self, batch):
         ids = [str(x) for x in batch["id"]]
         for i in ids:
             if self._fail(i):
                 raise RuntimeError(f"simulated actor failure on {i}")
         n = len(ids)
+        answers = [json.dumps(self._answers(json.loads(str(t)))) for t in batch["texts"]]
         return {
             "id": np.asarray(ids, dtype=object),
-            "mc_response": np.asarray(["A"] * n, dtype=object),
-            "ff_response": np.asarray([self._option_a(str(t)) for t in batch["mc_text"]], dtype=object),
+            "responses": np.asarray(answers, dtype=object),
             "num_prompt_tokens": np.full(n, 10),
             "num_new_tokens": np.full(n, 1),
             "generate_s": np.zeros(n),
@@ -161,8 +165,11 @@ def test_rule_judge_crash_then_resume(local_ray, bench_dir, tmp_path, monkeypatc
     assert legacy["counts"]["mc_correct"] == expected
     assert legacy["mc_accuracy_seed_denominator"] == pytest.approx(expected / legacy["counts"]["rows"])
     rec = json.loads(Path(legacy["results_path"]).read_text().splitlines()[0])
-    assert rec["mc_question"].startswith("Answer directly. ") and "Assistant:" not in rec["mc_question"]
-    assert rec["mc_model_input"] == f"User: {rec['mc_question']} Assistant:"
+    mc_question = rec["doc"]["mc_question"]
+    assert mc_question.startswith("Answer directly. ") and "Assistant:" not in mc_question
+    assert (
+        rec["prompts"]["mc"] == mc_question and rec["model_inputs"]["mc"] == f"User: {mc_question} Assistant:"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -210,30 +217,57 @@ def test_openai_judge_through_flaky_server(local_ray, bench_dir, tmp_path, monke
             assert SECRET not in path.read_text(errors="replace"), path
 
 
+def _judge_all(server, script, requests, tmp_path, **cfg_kw):
+    server.script(script)
+    cfg = JudgeConfig(base_url=server.base_url, timeout=2.0, backoff_base=0.01, max_retries=3, **cfg_kw)
+    judge = OpenAIJudge(cfg, SECRET, JudgeCache(tmp_path / "c.jsonl"))
+
+    async def go():
+        try:
+            return await judge_all(judge, requests)
+        finally:
+            await judge.aclose()
+
+    return judge, asyncio.run(go())
+
+
 @pytest.mark.timeout(60)
 def test_failed_judgment_is_unjudged_and_key_redacted(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(lambda body: "yes") as server:
-        server.script(["401echo", "ok:perhaps"])
-        cfg = JudgeConfig(
-            base_url=server.base_url, timeout=2.0, backoff_base=0.01, concurrency=1, max_retries=3
+        _, (unclear, fine) = _judge_all(
+            server,
+            ["ok:perhaps"],
+            [JudgeRequest(str(i), "q?", "r", "t") for i in range(2)],
+            tmp_path,
+            concurrency=1,
         )
-        judge = OpenAIJudge(cfg, SECRET, JudgeCache(tmp_path / "c.jsonl"))
-        requests = [JudgeRequest(str(i), "q?", "r", "t") for i in range(3)]
-
-        async def go():
-            try:
-                return await judge_all(judge, requests)
-            finally:
-                await judge.aclose()
-
-        auth_failed, unclear, fine = asyncio.run(go())
-    assert auth_failed.verdict is None and auth_failed.attempts == 1  # 401: retrying cannot help
-    assert "AuthenticationError" in auth_failed.error and SECRET not in auth_failed.error
-    assert "[REDACTED]" in auth_failed.error
     assert unclear.verdict is None and unclear.reply == "perhaps"  # neither yes nor no: unjudged, not wrong
     assert fine.verdict is True
     assert len(JudgeCache(tmp_path / "c.jsonl")) == 1  # only the definite verdict is cached
+
+
+@pytest.mark.timeout(60)
+def test_401_stops_the_judging_at_the_first_one(tmp_path, caplog):
+    """A bad key cannot heal: one request, one log line naming the cause, every other item 'not judged'."""
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(lambda body: "yes") as server:
+        judge, results = _judge_all(
+            server,
+            ["401echo"],
+            [JudgeRequest(str(i), "q?", "r", "t") for i in range(16)],
+            tmp_path,
+            concurrency=1,
+        )
+        assert len(server.requests) == 1
+    first, rest = results[0], results[1:]
+    assert first.verdict is None and first.attempts == 1  # 401: retrying cannot help
+    assert "AuthenticationError" in first.error and "401" in first.error
+    assert SECRET not in first.error and "[REDACTED]" in first.error
+    assert all(r.verdict is None and r.error.startswith("not judged: AuthenticationError") for r in rest)
+    assert judge.fatal_error == first.error
+    stop_lines = [r for r in caplog.records if "judging stopped" in r.getMessage()]
+    assert len(stop_lines) == 1 and not [r for r in caplog.records if "gave up" in r.getMessage()]
     assert SECRET not in caplog.text
 
 
