@@ -268,13 +268,38 @@ class _EvalMetrics:
             self._counters["judge_failures"].inc(1, tags=self._tags)
 
 
-def _make_judge(cfg: BenchmarkConfig, dataset: BenchDatasetSpec, bench: Benchmark) -> Any:
-    """The judge a benchmark needs (None for rule-scored ones): the dataset's `gpt_model` over judge.model."""
-    if not bench.uses_judge:
-        return None
-    judge_cfg = cfg.judge.model_copy(update={"model": dataset.gpt_model}) if dataset.gpt_model else cfg.judge
-    cache = cfg.judge.cache_path or Path(cfg.output_dir) / "judge_cache.jsonl"
-    return make_judge(judge_cfg, resolve_api_key(dataset, cfg.judge), cache)
+class _JudgeFactory:
+    """Judges for the runs of one invocation. A judge that stopped on a failure that cannot heal (bad key)
+    passes the stop on to later judges with the same endpoint, key and model: they send nothing."""
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        self.cfg = cfg
+        self._stopped: dict[str, str] = {}  # sha256(endpoint, key, model) -> the cause
+        self._issued: list[tuple[str, Any]] = []
+
+    def _key(self, judge_cfg: Any, api_key: str | None) -> str:
+        parts = [judge_cfg.api_type, judge_cfg.base_url or "", judge_cfg.model, api_key or ""]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+    def make(self, dataset: BenchDatasetSpec, bench: Benchmark) -> Any:
+        """The judge a benchmark needs (None for rule-scored ones): the dataset's `gpt_model` over judge.model."""
+        if not bench.uses_judge:
+            return None
+        cfg = self.cfg
+        judge_cfg = (
+            cfg.judge.model_copy(update={"model": dataset.gpt_model}) if dataset.gpt_model else cfg.judge
+        )
+        api_key = resolve_api_key(dataset, cfg.judge)
+        judge = make_judge(
+            judge_cfg, api_key, cfg.judge.cache_path or Path(cfg.output_dir) / "judge_cache.jsonl"
+        )
+        for key, earlier in self._issued:  # a stop seen since the last judge was made
+            if getattr(earlier, "fatal_error", ""):
+                self._stopped.setdefault(key, earlier.fatal_error)
+        key = self._key(judge_cfg, api_key)
+        judge.fatal_error = self._stopped.get(key, "")
+        self._issued.append((key, judge))
+        return judge
 
 
 class _Scorer:
@@ -320,8 +345,10 @@ def evaluate_one(
     dataset: BenchDatasetSpec,
     loaded: LoadResult,
     predictor_cls: Any,
+    judges: _JudgeFactory | None = None,
 ) -> dict[str, Any]:
     """Predict, score and aggregate one model on one dataset; returns the run's metrics."""
+    judges = judges or _JudgeFactory(cfg)
     start = time.perf_counter()
     bench = get_benchmark(dataset.name)(dataset)
     run_dir = (
@@ -344,7 +371,7 @@ def evaluate_one(
     scorer = _Scorer(
         bench,
         items,
-        ScoreContext(cfg.mc_parse, _make_judge(cfg, dataset, bench)),
+        ScoreContext(cfg.mc_parse, judges.make(dataset, bench)),
         run_dir / RESULTS_FILE,
         ray_metrics,
     )
@@ -527,10 +554,11 @@ def run_evaluation(
     loaded = _load_all(cfg)
     started = ensure_ray(cfg)
     runs = []
+    judges = _JudgeFactory(cfg)
     try:
         for model in cfg.models:
             for ds in cfg.datasets:
-                runs.append(evaluate_one(cfg, model, ds, loaded[_load_key(ds)], predictor_cls))
+                runs.append(evaluate_one(cfg, model, ds, loaded[_load_key(ds)], predictor_cls, judges))
     finally:
         if started:
             import ray  # noqa: PLC0415
@@ -610,13 +638,14 @@ def score_predictions_file(
     loaded = _load_all(cfg)
     label = f"predictions:{Path(path).name}"
     runs = []
+    judges = _JudgeFactory(cfg)
     for ds, responses in zip(cfg.datasets, given, strict=True):
         t0 = time.perf_counter()
         bench = get_benchmark(ds.name)(ds)
         data = loaded[_load_key(ds)]
         items = {it.id: it for it in data.items}
         run_dir = Path(cfg.output_dir) / f"{_slug(label)}__{_slug(ds.name + '-' + ds.split)}"
-        ctx = ScoreContext(cfg.mc_parse, _make_judge(cfg, ds, bench))
+        ctx = ScoreContext(cfg.mc_parse, judges.make(ds, bench))
         scorer = _Scorer(bench, items, ctx, run_dir / RESULTS_FILE, _EvalMetrics(label, ds.name))
         for doc_id, item in enumerate(data.items):
             if item.id in responses:
