@@ -553,6 +553,8 @@ def run_evaluation(
     start = time.perf_counter()
     loaded = _load_all(cfg)
     started = ensure_ray(cfg)
+    if started:
+        _check_local_gpus(cfg)
     runs = []
     judges = _JudgeFactory(cfg)
     try:
@@ -565,6 +567,19 @@ def run_evaluation(
 
             ray.shutdown()
     return _finish(cfg, runs, start, print_report)
+
+
+def _check_local_gpus(cfg: BenchmarkConfig) -> None:
+    """A local Ray never gains GPUs: an actor pool asking for more than it has would wait forever."""
+    import ray  # noqa: PLC0415
+
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if cfg.gpus_per_actor * cfg.num_actors > have:
+        ray.shutdown()
+        raise ValueError(
+            f"{cfg.num_actors} actors x gpus_per_actor={cfg.gpus_per_actor} but this machine's Ray has {have:g} GPUs; set gpus_per_actor: 0 "
+            "(and device: cpu) to run on CPU, or connect to a GPU cluster (RAY_ADDRESS)"
+        )
 
 
 def _finish(

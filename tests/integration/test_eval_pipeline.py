@@ -332,3 +332,90 @@ def test_azure_client_against_the_server(tmp_path):
         and "api-version=2024-02-01" in req["path"]
     )
     assert req["headers"].get("api-key") == SECRET
+
+
+def _bench_fixtures(out: Path) -> dict[str, Path]:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_bench_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_bench_fixtures", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_bench_fixtures(out)
+
+
+@pytest.mark.timeout(180)
+def test_bad_key_on_ray_keeps_predictions_and_a_rerun_only_judges(local_ray, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    fx = _bench_fixtures(tmp_path / "bench")
+    with FakeOpenAI(lambda body: "1.0") as server:
+        server.script(
+            ["401echo"] * 8
+        )  # the key is wrong for the first run (up to concurrency requests in flight)
+        raw = {
+            "datasets": [{"name": "mmvet", "data_path": str(fx["mmvet"])}],
+            "models": [{"name": "otterhd", "model_path": "/nonexistent/fake"}],
+            "output_dir": str(tmp_path / "out"),
+            "judge": {"base_url": server.base_url, "timeout": 2.0, "backoff_base": 0.01},
+        }
+        cfg = BenchmarkConfig.model_validate(raw)
+        first = run_evaluation(cfg, predictor_cls=FakePredictor, print_report=False)["runs"][0]
+        assert "AuthenticationError" in first["judge_error"] and first["counts"]["evaluated"] == 4
+        assert first["counts"]["unjudged"] == 4 and len(server.requests) <= cfg.judge.concurrency
+        assert len([r for r in caplog.records if "judging stopped" in r.getMessage()]) == 1
+        assert "judging stopped" in (tmp_path / "out" / "report.md").read_text()
+        assert json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]["judge_error"]
+
+        server._script.clear()  # the key works now
+        second = run_evaluation(cfg, predictor_cls=FakePredictor, print_report=False)["runs"][0]
+        assert second["timing"]["predicted_this_run"] == 0 and second["timing"]["resumed"] == 4
+        assert not second["judge_error"] and second["counts"]["judged"] == 4
+        assert second["scores"]["gpt_eval_score"] == pytest.approx(100.0)
+
+
+@pytest.mark.timeout(600)
+def test_seed_yaml_with_several_datasets_on_the_debug_model(
+    local_ray, tmp_path, tiny_tokenizer_dir, monkeypatch
+):
+    """The seed's YAML shape (`datasets:` of several benchmarks) end to end: debug model, Ray actor pool."""
+    import shutil
+
+    import torch
+
+    from otterhd_ray.config import read_yaml
+    from otterhd_ray.data.tokenizer import load_tokenizer
+    from otterhd_ray.models.fuyu import hf
+    from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
+    from otterhd_ray.models.fuyu.model import FuyuForCausalLM
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    hf.save_hf(
+        FuyuForCausalLM(config_for_tokenizer(flavour_config("debug"), load_tokenizer(tiny_tokenizer_dir))),
+        model_dir,
+    )
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, model_dir / f.name)
+    fx = _bench_fixtures(tmp_path / "bench")
+    raw = read_yaml(Path(__file__).resolve().parents[2] / "configs/benchmark/all_benchmarks.yaml")
+    names = ["magnifierbench", "mme", "pope", "mathvista"]
+    raw["datasets"] = [
+        {**d, "data_path": str(fx[d["name"]]), "max_items": 4, "max_new_tokens": 3}
+        for d in raw["datasets"]
+        if d["name"] in names
+    ]
+    raw["models"] = [{"name": "otterhd", "model_path": str(model_dir), "resolution": 60}]
+    raw.update(output_dir=str(tmp_path / "out"), num_actors=2, batch_size=2, device="cpu", gpus_per_actor=0)
+    metrics = run_evaluation(BenchmarkConfig.model_validate(raw), print_report=False)
+    assert [r["benchmark"] for r in metrics["runs"]] == names
+    for run in metrics["runs"]:
+        assert not run["prediction_error"], run["prediction_error"]
+        assert run["counts"]["evaluated"] == 4 and run["counts"]["failed"] == 0, run["dataset"]
+        assert all(v is None or isinstance(v, float) for v in run["scores"].values())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"| {n}/" in report for n in names)
+    (folder,) = (tmp_path / "out" / "lmms_eval").iterdir()
+    tasks = json.loads(next(folder.glob("*_results.json")).read_text())["results"]
+    assert set(tasks) == {"magnifierbench", "mme", "pope", "mathvista_testmini"}
