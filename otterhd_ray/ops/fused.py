@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,26 +63,35 @@ def rotary_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class Projection(NamedTuple):
+    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def project(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """Every projection of the model is computed here (the QKV, dense and MLP matmuls inside the glue, the patch
+    embedding and the LM head outside it): the one place where a low-rank adapter adds its update."""
+    return F.linear(x, p.weight, p.bias)
+
+
 @dataclass
 class LayerWeights:
     """The tensors of one decoder layer, passed explicitly so the glue functions are pure (compilable)."""
 
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
+    qkv: Projection
     qn_w: torch.Tensor | None
     qn_b: torch.Tensor | None
     kn_w: torch.Tensor | None
     kn_b: torch.Tensor | None
-    dense_w: torch.Tensor
-    dense_b: torch.Tensor
+    dense: Projection
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    up_w: torch.Tensor
-    up_b: torch.Tensor
-    down_w: torch.Tensor
-    down_b: torch.Tensor
+    up: Projection
+    down: Projection
 
 
 def attn_in(
@@ -94,7 +104,7 @@ def attn_in(
     norm: Callable = layer_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
-    qkv = F.linear(h_TD, w.qkv_w, w.qkv_b)
+    qkv = project(h_TD, w.qkv)
     # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
     qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
     q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
@@ -110,9 +120,9 @@ def attn_in(
 def attn_out(
     x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
 ) -> torch.Tensor:
-    x_TD = x_TD + F.linear(o_THK.reshape(o_THK.shape[0], -1), w.dense_w, w.dense_b)
+    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense)
     h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
-    return x_TD + F.linear(relu2(F.linear(h_TD, w.up_w, w.up_b)), w.down_w, w.down_b)
+    return x_TD + project(relu2(project(h_TD, w.up)), w.down)
 
 
 # ------------------------------------------------------------------------------------------------ modes

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pyarrow.parquet as pq
+from otterhd_ray.data.shards import open_parquet_named
 
 if TYPE_CHECKING:
     from otterhd_ray.eval.config import BenchDatasetSpec
@@ -172,7 +172,7 @@ def parquet_files(path: Path, split: str, config: str | None = None) -> list[Pat
 def rows_from_parquet(files: list[Path]) -> Iterator[dict[str, Any]]:
     # Row group at a time: a benchmark with large images is never held twice in memory.
     for f in files:
-        reader = pq.ParquetFile(f)
+        reader = open_parquet_named(f)  # a corrupt file: one line naming it, not an ArrowInvalid traceback
         for i in range(reader.num_row_groups):
             yield from reader.read_row_group(i).to_pylist()
 
