@@ -2,7 +2,8 @@
 
 The seed's `benchmark.yaml` (OtterHD's `pipeline/benchmarks/evaluate.py`) parses as written:
 
-    datasets: [{name: magnifierbench, split, data_path, prompt, api_key}]
+    datasets: [{name: magnifierbench | mme | pope | mmbench | seedbench | scienceqa | mathvista | mmvet,
+                split, data_path, prompt, api_key, ...}]
     models:   [{name: fuyu | otterhd, model_path, resolution}]
     output:   evaluation.txt          # optional, the seed's log file
 
