@@ -1,6 +1,8 @@
-"""MagnifierBench evaluation: loader, MC scoring, judge, predictor actors, pipeline, report.
+"""Evaluation: benchmarks (eval/benchmarks/, one module each), MC scoring, judge, predictor actors, pipeline,
+report (ours + lmms-eval's files).
 
 `run_evaluation(cfg)` is the entry point (`otterhd evaluate`, `otterhd demo`); see `eval/pipeline.py`.
+`eval.benchmarks.score_predictions` scores responses without Ray (a training worker, `--predictions`).
 """
 
 from __future__ import annotations
