@@ -149,8 +149,8 @@ def run_ours(cfg: FinetuneConfig) -> dict[str, Any]:
         return sources[-1]
 
     t0 = time.perf_counter()
-    train_loop_per_worker({"config": cfg.model_dump(), "data_source_factory": data_factory},
-                          LocalContext(Path(cfg.train.output_dir) / "ckpt"))
+    train_loop_per_worker({"config": cfg.model_dump()}, LocalContext(Path(cfg.train.output_dir) / "ckpt"),
+                          data_source_factory=data_factory)
     seconds = time.perf_counter() - t0
     history = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     history = sorted({h["step"]: h for h in history}.values(), key=lambda h: h["step"])

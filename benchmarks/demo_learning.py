@@ -43,38 +43,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def evaluate(model: Any, tokenizer: Any, bench_dir: Path, prompt: str) -> dict[str, Any]:
-    """MC accuracy (strict parser) on the synthetic bench, overall and per kind (item index % 4)."""
+    """MC accuracy (strict parser) on the synthetic bench, overall and per question kind."""
     import numpy as np
 
-    from otterhd_ray.data.synth import KINDS
+    from otterhd_ray.eval.benchmarks import format_for_model, get_benchmark
     from otterhd_ray.eval.config import BenchDatasetSpec
-    from otterhd_ray.eval.magnifierbench import format_for_model, load_magnifierbench, mc_prompt
     from otterhd_ray.eval.predictor import Predictor
     from otterhd_ray.eval.scoring import parse_mc_strict
 
-    items = load_magnifierbench(BenchDatasetSpec(name="magnifierbench", data_path=str(bench_dir))).items
+    spec = BenchDatasetSpec(name="magnifierbench", data_path=str(bench_dir), prompt=prompt)
+    items = get_benchmark("magnifierbench")(spec).load().items
     predictor = Predictor.from_model(model, tokenizer, max_new_tokens=8, preprocess_threads=1)
-    correct, total, unparsed = Counter(), Counter(), 0
-    replies = Counter()
+    correct, total, replies = Counter(), Counter(), Counter()
+    unparsed = 0
     for start in range(0, len(items), 8):
         chunk = items[start : start + 8]
         out = predictor({
             "id": np.asarray([it.id for it in chunk], dtype=object),
             "image": [it.image for it in chunk],
-            "mc_text": [format_for_model("otterhd", mc_prompt(it.instruction, prompt)) for it in chunk],
-            "ff_text": [format_for_model("otterhd", it.question) for it in chunk],
+            "mc_text": [format_for_model("otterhd", it.prompts["mc"]) for it in chunk],
+            "ff_text": [format_for_model("otterhd", it.prompts["ff"]) for it in chunk],
         })
         for it, reply in zip(chunk, out["mc_response"], strict=True):
-            kind = KINDS[int(it.id.rsplit("-", 1)[1]) % len(KINDS)]
-            letter = parse_mc_strict(str(reply), it.options)
+            letter = parse_mc_strict(str(reply), it.doc["options"])
             unparsed += letter is None
             replies[str(reply)] += 1
-            total[kind] += 1
-            correct[kind] += letter == it.answer
+            total[it.doc["kind"]] += 1
+            correct[it.doc["kind"]] += letter == it.doc["answer"]
     n = sum(total.values())
     return {
         "mc_accuracy": sum(correct.values()) / max(n, 1),
-        "per_kind": {k: correct[k] / total[k] for k in KINDS if total[k]},
+        "per_kind": {k: correct[k] / total[k] for k in sorted(total)},
         "unparsed": unparsed,
         "items": n,
         "top_replies": replies.most_common(5),
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     before = evaluate(build_model_for(cfg, torch.device("cpu")), tokenizer, bench, args.prompt)
     t1 = time.perf_counter()
-    last = train_loop_per_worker({"config": cfg.model_dump(), "model_factory": factory}, LocalContext(work / "ckpt"))
+    last = train_loop_per_worker({"config": cfg.model_dump()}, LocalContext(work / "ckpt"), model_factory=factory)
     train_s = time.perf_counter() - t1
     after = evaluate(models[-1], tokenizer, bench, args.prompt)
     result = {"args": vars(args), "synth_s": synth_s, "train_s": train_s, "steps": last.get("step"),

@@ -25,8 +25,9 @@ BENCHMARK_CONFIG = REPO_ROOT / "configs" / "benchmark" / "demo.yaml"
 STEPS = ("data", "finetune", "export", "evaluate")
 
 # The demo's data: the `easy` synthetic level (one large object on a flat background, small frames), every row
-# asked in the benchmark's multiple-choice format (answered with the option's text), bad rows to show the reject accounting; the benchmark is
-# drawn from another seed (held out). benchmarks/demo_learning.py measured what these settings learn.
+# asked in the benchmark's multiple-choice format (answered with the option's text), bad rows to show the reject
+# accounting; the benchmark is drawn from another seed (held out). benchmarks/demo_learning.py measured what
+# these settings learn.
 NUM_TRAIN, NUM_BENCH, NUM_BAD, SEED, BENCH_SEED = 1024, 64, 8, 0, 1
 LEVEL, MC_FRACTION = "easy", 1.0
 UNTRAINED_DIR = "export_untrained"  # the initial weights of the fine-tune, evaluated beside the fine-tuned model
@@ -42,6 +43,37 @@ def _banner(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 100 - len(title)), flush=True)
 
 
+def ensure_tokenizer(tokenizer_dir: str | Path) -> None:
+    """The tiny offline tokenizer (`data/tokenizer.py`) at `tokenizer_dir`, unless one is there already."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from otterhd_ray.data.tokenizer import build_tiny_tokenizer
+
+        build_tiny_tokenizer(tokenizer_dir)
+
+
+def ensure_demo_data(cfg: FinetuneConfig) -> None:
+    """`train.demo_data`: synthesise the shards and the tiny tokenizer the config points at, where missing.
+
+    Called by `otterhd_ray.finetune` (so `jobs/finetune.py --config configs/finetune/demo.yaml` works from a
+    clean clone), with paths already absolute; the trainer itself never generates data.
+    """
+    if not cfg.data.datasets or not cfg.data.tokenizer_path:
+        raise ValueError("train.demo_data needs data.datasets[0].path and data.tokenizer_path")
+    train_dir = Path(cfg.data.datasets[0].path)
+    if train_dir.name != "train":
+        raise ValueError(f"train.demo_data: data.datasets[0].path must end in /train (got {train_dir})")
+    if not train_dir.is_dir() or not any(train_dir.glob("*.parquet")):
+        from otterhd_ray.data.synth import synthesize
+
+        n = cfg.data.datasets[0].num_samples
+        logging.getLogger("otterhd_ray.demo").info(
+            "demo: synthesising %s training samples into %s", n if n > 0 else 64, train_dir
+        )
+        synthesize(train_dir.parent, num_train=n if n > 0 else 64, num_bench=0, seed=cfg.data.seed, level=LEVEL,
+                   mc_fraction=MC_FRACTION, mc_prompt=benchmark_prompt())
+    ensure_tokenizer(cfg.data.tokenizer_path)
+
+
 def finetune_config(workdir: Path) -> FinetuneConfig:
     cfg = validate_config(FinetuneConfig, _load_with_workdir(FINETUNE_CONFIG, workdir), str(FINETUNE_CONFIG))
     # Use every synthesised row, bad ones included, so the reject accounting is on show.
@@ -53,28 +85,25 @@ def finetune_config(workdir: Path) -> FinetuneConfig:
 def step_data(workdir: Path, cfg: FinetuneConfig) -> None:
     from otterhd_ray.data.pipeline import run_pipeline_stats
     from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
 
     data_dir = workdir / "data"
     if not (data_dir / "train").is_dir():
         stats = synthesize(
             data_dir, num_train=NUM_TRAIN, num_bench=NUM_BENCH, seed=SEED, num_bad=NUM_BAD, level=LEVEL,
-            bench_seed=BENCH_SEED, mc_fraction=MC_FRACTION, mc_prompt=benchmark_prompt(workdir),
+            bench_seed=BENCH_SEED, mc_fraction=MC_FRACTION, mc_prompt=benchmark_prompt(),
         )
         print(f"synthesised {stats['num_train']} training rows ({LEVEL} level, + {stats['num_bad']} bad and "
               f"{stats['num_odd']} odd rows) and {stats['num_bench']} held-out benchmark items (seed "
               f"{stats['bench_seed']}) in {stats['seconds']:.0f} s")
     else:
         print(f"reusing data in {data_dir}")
-    tok_dir = Path(cfg.data.tokenizer_path)
-    if not (tok_dir / "tokenizer.json").is_file():
-        build_tiny_tokenizer(tok_dir)
+    ensure_tokenizer(cfg.data.tokenizer_path)
     run_pipeline_stats(cfg, world_size=cfg.ray.num_workers or 1)
 
 
-def benchmark_prompt(workdir: Path) -> str:
+def benchmark_prompt() -> str:
     """The evaluation's MC prompt: the training rows in MC format carry the same one."""
-    return _load_with_workdir(BENCHMARK_CONFIG, workdir)["datasets"][0].get("prompt", "")
+    return yaml.safe_load(BENCHMARK_CONFIG.read_text())["datasets"][0].get("prompt", "")
 
 
 def export_untrained(cfg: FinetuneConfig, workdir: Path) -> Path:
@@ -95,8 +124,10 @@ def export_untrained(cfg: FinetuneConfig, workdir: Path) -> Path:
 
 
 def step_finetune(cfg: FinetuneConfig) -> Any:
-    from otterhd_ray.train.trainer import run_finetune
+    """Train only: the export step writes the HF directory the evaluation reads (`workdir/export`)."""
+    from otterhd_ray.train.trainer import resolve_paths, run_finetune
 
+    ensure_demo_data(resolve_paths(cfg))  # `--steps finetune` on a fresh workdir
     result = run_finetune(cfg)
     if getattr(result, "error", None):
         raise RuntimeError(f"fine-tune failed: {result.error}")

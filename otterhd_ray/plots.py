@@ -4,7 +4,7 @@
   attempt of a restarted run (the `attempt` field) is its own line, so the steps a restart replayed are seen
   as such, not as a zig-zag of one curve.
 - `plot_per_kind(metrics.json of an evaluation, per_kind.png)`: multiple-choice accuracy per question kind and
-  model, when the evaluation found kinds (`per_kind` in a run's metrics).
+  model, when the evaluation found kinds (a run's `breakdown.question_kinds`, MagnifierBench).
 - `plot_run(RUN_DIR)` (`otterhd plot RUN_DIR`): every figure whose input is found under RUN_DIR.
 
 Nothing here imports the rest of the package: the fine-tune and the evaluation call it at their end, and a
@@ -84,23 +84,29 @@ def plot_training(metrics_path: str | Path, out_png: str | Path | None = None) -
     return out
 
 
+def _kinds(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return (run.get("breakdown") or {}).get("question_kinds") or {}
+
+
 def plot_per_kind(eval_metrics: dict[str, Any] | str | Path, out_png: str | Path) -> Path | None:
-    """Grouped bars: MC accuracy per question kind, one bar per run (model x dataset). None without kinds."""
+    """Grouped bars: MC accuracy per question kind (a run's `breakdown.question_kinds`), one bar per run
+    (model x dataset). None when no run has kinds."""
     metrics = json.loads(Path(eval_metrics).read_text()) if isinstance(eval_metrics, (str, Path)) else eval_metrics
-    runs = [r for r in metrics.get("runs", []) if r.get("per_kind")]
+    runs = [r for r in metrics.get("runs", []) if _kinds(r)]
     if not runs:
         return None
-    kinds = list(dict.fromkeys(k for r in runs for k in r["per_kind"]))
+    kinds = list(dict.fromkeys(k for r in runs for k in _kinds(r)))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(kinds) * max(1, len(runs)) / 2 + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(kinds) * len(runs) + 2), 4))
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
-        values = [100 * run["per_kind"].get(k, {}).get("mc_accuracy", 0.0) for k in kinds]
+        values = [100 * _kinds(run).get(k, {}).get("accuracy", 0.0) for k in kinds]
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(kinds))]
         bars = ax.bar(xs, values, width, label=f"{run['model']} ({run['dataset']})")
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.axhline(25, color="grey", ls=":", lw=1, label="chance (4 options)")  # MagnifierBench: always A-D
-    ax.set_xticks(range(len(kinds)), [f"{k}\n(n={runs[0]['per_kind'].get(k, {}).get('items', 0)})" for k in kinds])
+    totals = [_kinds(runs[0]).get(k, {}).get("total", 0) for k in kinds]
+    ax.set_xticks(range(len(kinds)), [f"{k}\n(n={n})" for k, n in zip(kinds, totals, strict=True)])
     ax.set_ylabel("multiple-choice accuracy (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)

@@ -51,12 +51,15 @@ def test_no_records_is_a_clear_error(tmp_path):
         plots.plot_run(tmp_path / "missing")
 
 
+def _kinds(**acc):
+    return {"question_kinds": {k: {"correct": round(4 * a), "total": 4, "accuracy": a} for k, a in acc.items()}}
+
+
 def test_per_kind_chart_only_when_kinds_exist(tmp_path):
-    run = {"model": "otterhd", "dataset": "magnifierbench/test", "mc_accuracy": 0.5,
-           "per_kind": {"colour": {"items": 4, "mc_accuracy": 0.75}, "count": {"items": 4, "mc_accuracy": 0.25}}}
-    assert plots.plot_per_kind({"runs": [{**run, "per_kind": {}}]}, tmp_path / "none.png") is None
+    run = {"model": "otterhd", "dataset": "magnifierbench/test", "breakdown": _kinds(colour=0.75, count=0.25)}
+    assert plots.plot_per_kind({"runs": [{**run, "breakdown": {}}]}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
-    before = {**run, "model": "untrained", "per_kind": {"colour": {"items": 4, "mc_accuracy": 0.0}}}
+    before = {**run, "model": "untrained", "breakdown": _kinds(colour=0.0)}
     out = plots.plot_per_kind({"runs": [before, run]}, tmp_path / "kinds.png")
     assert out.read_bytes()[:8] == PNG_MAGIC
 
@@ -65,34 +68,33 @@ def test_plot_run_finds_every_input(tmp_path):
     (tmp_path / "finetune").mkdir()
     _write_history(tmp_path / "finetune" / "metrics.jsonl", [_record(s) for s in range(1, 5)])
     (tmp_path / "eval").mkdir()
-    run = {"model": "m", "dataset": "d", "per_kind": {"shape": {"items": 2, "mc_accuracy": 0.5}}}
+    run = {"model": "m", "dataset": "d", "breakdown": _kinds(shape=0.5)}
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"runs": [run]}))
     written = plots.plot_run(tmp_path)
     assert sorted(p.name for p in written) == ["loss.png", "per_kind.png"]
 
 
-def test_question_kinds_of_the_synthetic_benchmark():
+def test_question_kinds_of_the_synthetic_benchmark(tmp_path):
     from otterhd_ray.data import synth
-    from otterhd_ray.eval.magnifierbench import question_kind, split_instruction
+    from otterhd_ray.eval.benchmarks import get_benchmark
+    from otterhd_ray.eval.benchmarks.magnifierbench import question_kind
+    from otterhd_ray.eval.config import BenchDatasetSpec
 
-    for index in range(8):  # bench item i asks kind KINDS[i % 4]
-        question, _ = split_instruction(synth.bench_row(0, index, "easy")["instruction"])
-        assert question_kind(question) == synth.KINDS[index % 4]
+    synth.synthesize(tmp_path, num_train=0, num_bench=8, seed=0, level="easy")
+    spec = BenchDatasetSpec(name="magnifierbench", data_path=str(tmp_path / "magnifierbench"))
+    items = get_benchmark("magnifierbench")(spec).load().items
+    assert [it.doc["kind"] for it in items] == [synth.KINDS[i % 4] for i in range(8)]  # item i asks KINDS[i % 4]
     assert question_kind("Is the man wearing a hat?") == "other"
 
 
-def test_report_has_per_kind_line_and_chart(tmp_path):
-    from otterhd_ray.eval.report import write_report
+def test_magnifierbench_breakdown_by_kind_and_report_chart(tmp_path):
+    from otterhd_ray.eval.benchmarks.magnifierbench import kinds_breakdown
+    from otterhd_ray.eval.report import _per_kind_chart
 
-    run = {"model": "otterhd", "dataset": "magnifierbench/test", "model_path": "m", "resolution": -1,
-           "mc_parse": "strict", "mc_accuracy": 0.5, "ff_accuracy": None, "results_path": "r.jsonl",
-           "counts": {"rows": 8, "evaluated": 8, "failed": 0, "skipped": 0, "skipped_by_reason": {},
-                      "mc_correct": 4, "parsed": 8, "unparsed": 0, "ff_correct": 0, "judged": 0, "unjudged": 8},
-           "judge": {"kind": "rule", "model": "none"}, "prediction_error": None,
-           "timing": {"wall_s": 1.0, "predict_s": 1.0, "predicted_this_run": 8, "resumed": 0,
-                      "items_per_s": 8.0, "items_per_generate_s": None},
-           "per_kind": {"colour": {"items": 4, "mc_accuracy": 1.0}, "count": {"items": 4, "mc_accuracy": 0.0}}}
-    text = write_report(tmp_path, {"runs": [run]})
-    assert "per question kind: colour 100.0% of 4, count 0.0% of 4" in text
-    assert "![multiple-choice accuracy per question kind](per_kind.png)" in text
-    assert (tmp_path / "per_kind.png").read_bytes()[:8] == PNG_MAGIC
+    table = kinds_breakdown(["colour", "colour", "count", "other"], [True, False, True, False])
+    assert table["colour"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert sorted(table) == ["colour", "count", "other"]
+    assert kinds_breakdown(["other", "other"], [True, False]) == {}  # no known kind: no table, no chart
+    metrics = {"runs": [{"model": "m", "dataset": "d", "breakdown": {"question_kinds": table}}]}
+    assert _per_kind_chart(metrics, tmp_path).read_bytes()[:8] == PNG_MAGIC
+    assert _per_kind_chart({"runs": [{"model": "m", "dataset": "d", "breakdown": {}}]}, tmp_path / "x") is None
