@@ -32,10 +32,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from otterhd_ray.eval.config import JudgeConfig
 from otterhd_ray.eval.scoring import normalize_text
+
+if TYPE_CHECKING:  # annotations only: eval.config imports the benchmark registry, which imports the judge
+    from otterhd_ray.eval.config import JudgeConfig
 
 log = logging.getLogger(__name__)
 
