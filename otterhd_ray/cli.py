@@ -133,7 +133,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from otterhd_ray.demo import run_demo
 
-    run_demo(args.workdir, steps=args.steps)
+    run_demo(args.workdir, steps=args.steps, verbose=args.verbose)
     return 0
 
 
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
     p.add_argument("--workdir", default="demo_output")
     p.add_argument("--steps", default="all", help="comma list of: data,finetune,export,evaluate (default all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="every log line (Ray workers, DeepSpeed, ...)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("plot", help="PNG figures of a run: loss.png per metrics.jsonl, per_kind.png per evaluation")

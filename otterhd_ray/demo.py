@@ -10,8 +10,12 @@ evaluation uses the rule-based judge, and the report says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +127,73 @@ def export_untrained(cfg: FinetuneConfig, workdir: Path) -> Path:
     return out
 
 
+class Progress(threading.Thread):
+    """Prints a progress line about every tenth of the run from the fine-tune's metrics.jsonl as it grows.
+
+    The driver's own view, so it needs no worker log forwarding. The ETA is the pace between logged steps
+    (start-up is not training pace); the first line shows none rather than a wrong one."""
+
+    def __init__(self, metrics_path: Path, lines: int = 10) -> None:
+        super().__init__(daemon=True)
+        self.path, self.lines = metrics_path, lines
+        self.stop = threading.Event()
+        self._offset = metrics_path.stat().st_size if metrics_path.is_file() else 0  # an earlier run's records
+        self._first: tuple[float, int] | None = None
+        self._next_step = 0
+        self.last: dict[str, Any] | None = None
+        self.first: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open() as f:
+            f.seek(self._offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next poll
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            self.show(json.loads(line))
+
+    def show(self, m: dict[str, Any]) -> None:
+        now, step, total = time.perf_counter(), int(m["step"]), int(m.get("total_steps") or 0)
+        self.first = self.first or m
+        self.last = m
+        if self._first is None:
+            self._first = (now, step)
+        if step < self._next_step and step != total:
+            return
+        self._next_step = step + max(1, total // self.lines)
+        t0, s0 = self._first
+        eta = f"  ETA {int((now - t0) / (step - s0) * (total - step))} s" if step > s0 and total else ""
+        print(f"  step {step:4d}/{total}  loss {m['loss']:.3f}  lr {m['lr']:.1e}  {m['tokens_per_s']:,.0f} tokens/s"
+              f"{eta}", flush=True)
+
+
 def step_finetune(cfg: FinetuneConfig) -> Any:
     """Train only: the export step writes the HF directory the evaluation reads (`workdir/export`)."""
     from otterhd_ray.train.trainer import resolve_paths, run_finetune
 
     ensure_demo_data(resolve_paths(cfg))  # `--steps finetune` on a fresh workdir
-    result = run_finetune(cfg)
+    metrics_path = Path(cfg.train.output_dir) / "metrics.jsonl"
+    progress = Progress(metrics_path)
+    progress.start()
+    started = time.perf_counter()
+    try:
+        result = run_finetune(cfg)
+    finally:
+        progress.stop.set()
+        progress.join()
     if getattr(result, "error", None):
         raise RuntimeError(f"fine-tune failed: {result.error}")
-    print(f"final metrics: { {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, dict)} }")
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    first, last = progress.first or {}, progress.last or {}
+    print(f"fine-tune: {last.get('step', '?')} steps in {time.perf_counter() - started:.0f} s (Ray start-up "
+          f"included), loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f}; "
+          f"curves in {metrics_path.with_name('loss.png')}")
     return result
 
 
@@ -183,8 +244,39 @@ def summary_line(metrics: dict[str, Any]) -> str:
     )
 
 
-def run_demo(workdir: str | Path = "demo_output", steps: str = "all") -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def quiet_output(verbose: bool) -> None:
+    """Without `-v`: stage banners, progress lines and tables; warnings and errors still show.
+
+    Ray is started here (finetune and evaluation then join it: one start-up) without forwarding the workers'
+    logs: their start-up chatter (DeepSpeed's accelerator notice, Train's placement-group cleaner, torch
+    deprecation notices) asks nothing of the user. A failure is not hidden: the fine-tune's and evaluation's
+    errors come back to this process and are raised, and `-v` (or the Ray session logs) has every line."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ray", "httpx", "deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def start_ray(cfg: FinetuneConfig, verbose: bool) -> None:
+    import ray
+
+    from otterhd_ray.raycluster import local_num_cpus
+
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's own logging stays as it is
+    ray.init(num_cpus=local_num_cpus(max(cfg.ray.num_workers, 1) * cfg.ray.cpus_per_worker),
+             include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run_demo(workdir: str | Path = "demo_output", steps: str = "all", verbose: bool = False) -> None:
+    quiet_output(verbose)
     chosen = STEPS if steps == "all" else tuple(s.strip() for s in steps.split(","))
     unknown = set(chosen) - set(STEPS)
     if unknown:
@@ -197,8 +289,10 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all") -> None:
         _banner("1/4 data: synthesise shards + benchmark, run the input pipeline")
         step_data(workdir, cfg)
         print(f"untrained weights (the fine-tune's start) -> {export_untrained(cfg, workdir)}")
+    if {"finetune", "evaluate"} & set(chosen):
+        start_ray(cfg, verbose)
     if "finetune" in chosen:
-        _banner("2/4 fine-tune: debug Fuyu, Ray Train + DeepSpeed ZeRO-2 on CPU")
+        _banner("2/4 fine-tune: debug Fuyu, 2 Ray Train workers, DeepSpeed ZeRO-2 on CPU")
         result = step_finetune(cfg)
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     else:
@@ -207,6 +301,6 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all") -> None:
         _banner("3/4 export: training checkpoint -> HF directory")
         step_export(cfg, workdir, checkpoint)
     if "evaluate" in chosen:
-        _banner("4/4 evaluate: MagnifierBench-style benchmark on Ray actors")
+        _banner("4/4 evaluate: untrained vs fine-tuned on the held-out benchmark, Ray actors")
         step_evaluate(workdir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs under {workdir}")

@@ -432,6 +432,7 @@ def _window_metrics(
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,
         "resumed_from_step": resumed_from,
+        "total_steps": state.total_steps,
     }
 
 
