@@ -205,11 +205,23 @@ def latest_checkpoint(cfg: FinetuneConfig) -> Path:
     return found[-1]
 
 
-def step_export(cfg: FinetuneConfig, workdir: Path, checkpoint: str | None = None) -> Path:
+def step_export(cfg: FinetuneConfig, workdir: Path, checkpoint: str | None = None, verbose: bool = True) -> Path:
+    import contextlib
+    import io
+
     from otterhd_ray.export import export_checkpoint
 
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(cfg)
-    out = export_checkpoint(ckpt, workdir / "export")
+    # DeepSpeed's ZeRO consolidation prints its progress to stdout/stderr; kept back unless it fails (or -v).
+    captured = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(captured)
+    quiet_err = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(captured)
+    try:
+        with quiet, quiet_err:
+            out = export_checkpoint(ckpt, workdir / "export")
+    except Exception:
+        print(captured.getvalue())
+        raise
     print(f"exported {ckpt} -> {out}")
     return Path(out)
 
@@ -255,7 +267,8 @@ def quiet_output(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("ray", "httpx", "deepspeed", "DeepSpeed"):
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("ray", "ray.data", "ray.train", "httpx", "deepspeed", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -273,6 +286,8 @@ def start_ray(cfg: FinetuneConfig, verbose: bool) -> None:
              logging_level=logging.INFO if verbose else logging.ERROR)
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
+        for name in ("ray", "ray.data", "ray.train"):  # ray.init configured its own handlers and levels
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_demo(workdir: str | Path = "demo_output", steps: str = "all", verbose: bool = False) -> None:
@@ -299,7 +314,7 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all", verbose: b
         checkpoint = None
     if "export" in chosen:
         _banner("3/4 export: training checkpoint -> HF directory")
-        step_export(cfg, workdir, checkpoint)
+        step_export(cfg, workdir, checkpoint, verbose)
     if "evaluate" in chosen:
         _banner("4/4 evaluate: untrained vs fine-tuned on the held-out benchmark, Ray actors")
         step_evaluate(workdir)
