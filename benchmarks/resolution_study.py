@@ -110,15 +110,19 @@ def fit_long_side(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def micro_batches(tokenizer_dir: str, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    from otterhd_ray.data.buckets import collate_to_torch, pack
+    from otterhd_ray.data.buckets import StreamingPacker, assemble, collate_to_torch
 
     loader = torch.utils.data.DataLoader(
         SceneStream(tokenizer_dir, args), batch_size=None, num_workers=args.workers,
         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers),
     )
-    # mixed sizes in one micro-batch (group_key None): the study's loss does not care, packing is denser
-    for mb in pack(loader, args.max_tokens, group_key=lambda s: None, buffer_size=512):
-        yield collate_to_torch(mb)
+    # one group for every size (key None): the study's loss does not care, and packing is denser
+    packer = StreamingPacker(args.max_tokens, 0, 512)
+    for sample in loader:
+        for group in packer.add(None, int(sample["num_tokens"]), sample):
+            yield collate_to_torch(assemble(group))
+        if packer.rejected:
+            raise ValueError(f"a sample of {int(packer.rejected[0]['num_tokens'])} tokens exceeds --max-tokens")
 
 
 # ---------------------------------------------------------------------------------------------- train
