@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,22 @@ class LayerWeights:
     up_b: torch.Tensor
     down_w: torch.Tensor
     down_b: torch.Tensor
+    # LoRA adapters of the four projections (None: not adapted, or merged into the weight); see models/fuyu/lora.py.
+    qkv_lora: Any = None
+    dense_lora: Any = None
+    up_lora: Any = None
+    down_lora: Any = None
+    training: bool = False  # adapter dropout is active only while training
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lora: Any, training: bool) -> torch.Tensor:
+    """Every projection of the layer goes through here: x W^T + b (+ the LoRA term (dropout(x) A^T) B^T s)."""
+    y = F.linear(x, weight, bias)
+    if lora is None:
+        return y
+    if lora.dropout > 0.0 and training:
+        x = F.dropout(x, lora.dropout, training=True)
+    return y + F.linear(F.linear(x, lora.A), lora.B) * lora.scale
 
 
 def attn_in(
@@ -94,7 +111,7 @@ def attn_in(
     norm: Callable = layer_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
-    qkv = F.linear(h_TD, w.qkv_w, w.qkv_b)
+    qkv = _linear(h_TD, w.qkv_w, w.qkv_b, w.qkv_lora, w.training)
     # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
     qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
     q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
@@ -110,9 +127,10 @@ def attn_in(
 def attn_out(
     x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
 ) -> torch.Tensor:
-    x_TD = x_TD + F.linear(o_THK.reshape(o_THK.shape[0], -1), w.dense_w, w.dense_b)
+    x_TD = x_TD + _linear(o_THK.reshape(o_THK.shape[0], -1), w.dense_w, w.dense_b, w.dense_lora, w.training)
     h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
-    return x_TD + F.linear(relu2(F.linear(h_TD, w.up_w, w.up_b)), w.down_w, w.down_b)
+    up_TF = _linear(h_TD, w.up_w, w.up_b, w.up_lora, w.training)
+    return x_TD + _linear(relu2(up_TF), w.down_w, w.down_b, w.down_lora, w.training)
 
 
 # ------------------------------------------------------------------------------------------------ modes

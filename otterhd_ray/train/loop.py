@@ -162,7 +162,12 @@ def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Modul
     # DeepSpeed bf16 keeps fp32 masters in the optimizer, so the module itself is bf16; the plain torch engine
     # keeps fp32 weights and autocasts instead (AdamW on bf16 weights would lose small updates).
     dtype = torch.bfloat16 if precision == "bf16" and cfg.deepspeed.enabled else torch.float32
-    return build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    model = build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    if cfg.lora.enabled:
+        from otterhd_ray.models.fuyu.lora import apply_lora_config
+
+        apply_lora_config(model, cfg.lora)  # base frozen: only the adapters reach the optimizer
+    return model
 
 
 class PipelineSource:

@@ -27,6 +27,7 @@ import torch.utils.checkpoint as torch_checkpoint
 
 from otterhd_ray.data.processor import normalize_patches
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
+from otterhd_ray.models.fuyu.lora import head_operands, params_of
 from otterhd_ray.ops.attention import cached_attention, packed_attention, resolve_attention
 from otterhd_ray.ops.fused import FusedOps, LayerWeights, resolve_fused_ops, rotary_cos_sin
 from otterhd_ray.ops.loss import IGNORE_INDEX, linear_cross_entropy
@@ -88,6 +89,11 @@ class FuyuDecoderLayer(nn.Module):
             up_b=m.dense_h_to_4h.bias,
             down_w=m.dense_4h_to_h.weight,
             down_b=m.dense_4h_to_h.bias,
+            qkv_lora=params_of(a.query_key_value),
+            dense_lora=params_of(a.dense),
+            up_lora=params_of(m.dense_h_to_4h),
+            down_lora=params_of(m.dense_4h_to_h),
+            training=self.training,
         )
 
 
@@ -291,9 +297,8 @@ class FuyuForCausalLM(nn.Module):
         num = int(num)
         # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
         rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
-        loss_sum = linear_cross_entropy(
-            hidden_TD.index_select(0, rows_N), self.lm_head.weight, targets_T.index_select(0, rows_N), self.loss_chunk_size
-        )
+        h_ND, head_VD = head_operands(hidden_TD.index_select(0, rows_N), self.lm_head, self.training)
+        loss_sum = linear_cross_entropy(h_ND, head_VD, targets_T.index_select(0, rows_N), self.loss_chunk_size)
         return loss_sum, num
 
     # ----------------------------------------------------------------------------------------- decoding
