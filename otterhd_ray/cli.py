@@ -4,7 +4,7 @@
     otterhd data convert --instructions X.json --images Y.parquet --out DIR
     otterhd data stats --config FILE [key.path=value ...]
     otterhd finetune --config FILE [key.path=value ...]
-    otterhd export CHECKPOINT OUT_DIR
+    otterhd export CHECKPOINT OUT_DIR [--merge | --adapter-only]
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
     otterhd demo [--workdir DIR]
 
@@ -66,8 +66,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from otterhd_ray.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"exported HF model to {out}")
+    out = export_checkpoint(args.checkpoint, args.out_dir, merge=args.merge, adapter_only=args.adapter_only)
+    print(f"exported {'PEFT adapter' if args.adapter_only else 'HF model'} to {out}")
     return 0
 
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="training checkpoint -> HF model directory")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge", action="store_true", help="LoRA: merge the adapters into the base (the default)")
+    kind.add_argument("--adapter-only", action="store_true", help="LoRA: a PEFT adapter directory")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")

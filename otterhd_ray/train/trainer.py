@@ -146,6 +146,8 @@ def run_finetune(cfg: FinetuneConfig, loop_extras: dict[str, Any] | None = None)
 
         with result.checkpoint.as_directory() as directory:
             export_checkpoint(directory, export_dir)
+            if cfg.lora.enabled:  # the merged model above, and the adapter alone in PEFT format
+                export_checkpoint(directory, Path(cfg.train.output_dir) / "adapter", adapter_only=True)
         logger.info("exported the final checkpoint to %s", export_dir)
     return result
 
