@@ -67,7 +67,7 @@ def _history(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def zero2_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_zero2")
-    cfg = _cfg(data_dir, out, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
+    cfg = _cfg(data_dir, out, "train.checkpoint_every_steps=3")
     return cfg, _run(cfg, out / "ckpt"), out
 
 
@@ -87,7 +87,7 @@ def test_loss_falls_and_checkpoint_holds_adapters_only(zero2_run):
 def test_resume_with_lora_reproduces_losses(data_dir, tmp_path, zero2_run):
     _, _, full_out = zero2_run
     losses = {r["step"]: r["loss"] for r in _history(full_out)}
-    cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
+    cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3")
     with pytest.raises(InjectedStop):
         _run(cfg, tmp_path / "ckpt", stop_after_step=4)
     ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]
@@ -174,7 +174,7 @@ def test_continued_training_from_an_adapter_peft_made(data_dir, tmp_path):
                f"lora.init_from={tmp_path / 'peft_adapter'}", "train.max_steps=2")
     model = build_model_for(cfg, torch.device("cpu"))
     B = dict(adapters(model))["layers.0.self_attn.dense"].B
-    ref = made.state_dict()["base_model.model.model.language_model.layers.0.self_attn.dense.lora_B.weight"]
+    ref = made.state_dict()["base_model.model.model.language_model.layers.0.self_attn.dense.lora_B.default.weight"]
     assert torch.equal(B, ref) and B.requires_grad
     ctx = _run(cfg, tmp_path / "ckpt")
     assert not (ctx.checkpoints[-1] / "base").exists()  # a real base (model.path) is never copied
