@@ -46,12 +46,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from otterhd_ray.data.images import decode_image  # noqa: E402
-from otterhd_ray.data.processor import FuyuProcessor, normalize_patches  # noqa: E402
+from otterhd_ray.data.processor import FuyuProcessor  # noqa: E402
 from otterhd_ray.data.tokenizer import build_tiny_tokenizer  # noqa: E402
 from otterhd_ray.eval.magnifierbench import format_for_model, mc_prompt  # noqa: E402
 from otterhd_ray.eval.predictor import MAX_IMAGE_PIXELS, Predictor, resize_short_side  # noqa: E402
-from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config  # noqa: E402
-from otterhd_ray.models.fuyu.model import new_model  # noqa: E402
+from otterhd_ray.models.fuyu import config_for_tokenizer, flavour_config, new_model, normalize_patches  # noqa: E402
 
 PROMPT = "Answer with the option letter from the given choices directly."
 INSTRUCTION = "What color is the small triangle in the image? A. orange, B. purple, C. blue, D. green"

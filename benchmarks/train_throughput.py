@@ -1,4 +1,4 @@
-"""Training throughput: transformers' Fuyu (padded batches) vs ours (packed), on one mixed workload.
+"""Training throughput: transformers' Fuyu (padded batches) vs ours (packed), on the mixed or the seed workload.
 
 Every stack trains on the *same* generated samples (images of several aspect ratios resized into buckets of
 448-1024 px long side, 20-300 text tokens of which a fraction are supervised answer tokens), forward + backward
@@ -8,11 +8,17 @@ memory and useful MFU = the flops the samples need (no padding; logits only at s
 the bf16 matmul peak measured in the same run.
 
     python benchmarks/train_throughput.py --layers 8 --out results.json            # on a GPU
+    python benchmarks/train_throughput.py --layers 8 --workload seed --stacks ours,hf_sdpa --hf-batch-sizes 8
+    python benchmarks/train_throughput.py --layers 8 --stacks ours --profile prof.txt  # per-kernel table
     python benchmarks/train_throughput.py --width debug --num-samples 12 --device cpu  # CPU dry run
 
 Stacks: hf_eager, hf_sdpa (transformers, left-padded like FuyuProcessor, each at the best batch size that fits
 among --hf-batch-sizes), hf_sdpa_compile (optional: torch.compile(dynamic=True) recompiles for every new padded
 shape), ours (packed micro-batches of <= --max-tokens, --attention/--fused-ops/--checkpointing).
+
+Workloads: `mixed` (above); `seed` = the OtterHD recipe's `--dynamic_resolution` batches: groups of
+--seed-batch (8) samples that share one random square of {448, 512, 768} px, 20-300 text tokens; every stack
+runs one group per step (ours: one packed micro-batch per group; transformers: one padded batch per group).
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.data.processor import normalize_patches  # noqa: E402
-from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
+from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches  # noqa: E402
 from otterhd_ray.models.fuyu.config import FuyuModelConfig  # noqa: E402
 
 BUCKETS = (448, 512, 768, 1024)
+SEED_SQUARES = (448, 512, 768)  # the seed's --dynamic_resolution sizes
 ASPECTS = ((9, 16), (3, 4), (1, 1), (4, 3), (16, 9))
 
 
@@ -49,13 +55,16 @@ class Sample:
 
 
 # --------------------------------------------------------------------------------------------- workload
-def make_workload(cfg: FuyuModelConfig, num_samples: int, seed: int, max_side: int | None = None) -> list[Sample]:
+def make_workload(
+    cfg: FuyuModelConfig, num_samples: int, seed: int, max_side: int | None = None,
+    aspects: tuple[tuple[int, int], ...] = ASPECTS,
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     newline = cfg.image_token_id + 1  # any non-image id; the layout is what matters for cost
     samples = []
     for _ in range(num_samples):
         long_side = int(rng.choice(BUCKETS)) if max_side is None else max_side
-        a, b = ASPECTS[rng.integers(len(ASPECTS))]  # height : width
+        a, b = aspects[rng.integers(len(aspects))]  # height : width
         h, w = (long_side, long_side * b // a) if a >= b else (long_side * a // b, long_side)
         rows, cols = math.ceil(h / 30), math.ceil(w / 30)
         num_text = int(rng.integers(20, 301))
@@ -67,6 +76,17 @@ def make_workload(cfg: FuyuModelConfig, num_samples: int, seed: int, max_side: i
         labels[-num_answer:] = ids[-num_answer:]
         patches = rng.integers(0, 256, (rows * cols, cfg.patch_dim), dtype=np.uint8)
         samples.append(Sample(ids, labels, patches, rows * cols))
+    return samples
+
+
+def make_seed_workload(cfg: FuyuModelConfig, num_samples: int, seed: int, group: int) -> list[Sample]:
+    """The seed recipe: consecutive groups of `group` samples share one random square image size."""
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for g in range(0, num_samples, group):
+        side = int(rng.choice(SEED_SQUARES))
+        n = min(group, num_samples - g)
+        samples += make_workload(cfg, n, int(rng.integers(1 << 31)), max_side=side, aspects=((1, 1),))
     return samples
 
 
@@ -133,12 +153,15 @@ def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, device: torc
     return out
 
 
-def packed_batches(samples: list[Sample], max_tokens: int, device: torch.device) -> list[dict]:
-    """Greedy in-order packing into rows of <= max_tokens (the docs/internals.md micro-batch)."""
+def packed_batches(
+    samples: list[Sample], max_tokens: int, device: torch.device, group: int | None = None
+) -> list[dict]:
+    """Greedy in-order packing into rows of <= max_tokens (the docs/internals.md micro-batch); with `group`,
+    exactly `group` consecutive samples per row instead (the seed workload's batches)."""
     groups, current, used = [], [], 0
     for s in samples:
         n = len(s.input_ids)
-        if current and used + n > max_tokens:
+        if current and (len(current) == group if group else used + n > max_tokens):
             groups.append(current)
             current, used = [], 0
         current.append(s)
@@ -210,6 +233,21 @@ def run_steps(step, batches: list[dict], warmup: int, device: torch.device) -> d
     }
 
 
+def profile_steps(step, batches: list[dict], path: str, device: torch.device) -> None:
+    """torch profiler over already-warm steps: per-kernel self time table (top 40) written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for b in batches:
+            step(b)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80)
+    Path(path).write_text(f"{len(batches)} steps\n{table}\n")
+    print(table, flush=True)
+
+
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -275,7 +313,7 @@ def bench_ours(cfg, samples, args, checkpointing, warmup, device, dtype, max_tok
         selective_every=args.selective_every,
     ).train()
     backend, ops = model.resolve(device)
-    batches = packed_batches(samples, max_tokens, device)
+    batches = packed_batches(samples, max_tokens, device, args.seed_batch if args.workload == "seed" else None)
 
     def step(b):
         loss_sum, num = model.loss(b)
@@ -285,6 +323,8 @@ def bench_ours(cfg, samples, args, checkpointing, warmup, device, dtype, max_tok
 
     try:
         result = run_steps(step, batches, warmup, device)
+        if args.profile:
+            profile_steps(step, batches[: args.profile_steps], args.profile, device)
     except Exception as err:  # noqa: BLE001
         if not is_oom(err):
             raise
@@ -314,12 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=-1, help="warm-up batches; -1: one whole pass (default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--workload", default="mixed", choices=["mixed", "seed"])
+    p.add_argument("--seed-batch", type=int, default=8, help="seed workload: samples per step (one square)")
+    p.add_argument("--profile", default=None, help="ours: write a torch-profiler per-kernel table here")
+    p.add_argument("--profile-steps", type=int, default=6)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = flavour_config(args.width).replace(num_layers=args.layers)
-    samples = make_workload(cfg, args.num_samples, args.seed)
+    if args.workload == "seed":
+        samples = make_seed_workload(cfg, args.num_samples, args.seed, args.seed_batch)
+        args.hf_batch_sizes = args.eager_batch_sizes = str(args.seed_batch)  # one square per padded batch
+    else:
+        samples = make_workload(cfg, args.num_samples, args.seed)
     lines: list[str] = []
 
     def log(msg: str) -> None:
@@ -330,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak(device)
     real_tokens = sum(len(s.input_ids) for s in samples)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    log(f"card {card}; torch {torch.__version__}; width {args.width}, {args.layers} layers; "
+    log(f"card {card}; torch {torch.__version__}; width {args.width}, {args.layers} layers; {args.workload} workload; "
         f"{len(samples)} samples, {real_tokens} real tokens; {flops / real_tokens / 1e9:.2f} useful GFLOP/token; "
         f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
     results: dict[str, dict] = {}
@@ -379,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratio:>7.2f}")
     if args.out:
         meta = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": " ".join(sys.argv), "layers": args.layers, "width": args.width,
+                "command": " ".join(sys.argv), "layers": args.layers, "width": args.width, "workload": args.workload,
                 "num_samples": len(samples), "real_tokens": real_tokens, "useful_flops": flops, "matmul_peak": peak}
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "log": lines}, indent=2))
     return 0

@@ -43,7 +43,9 @@ class BucketConfig(Strict):
     )
     long_sides: list[int] = Field(default_factory=lambda: [448, 512, 768, 1024])
     native: bool = Field(True, description="Also offer the native size, capped at `native_max_hw`.")
-    native_max_hw: tuple[int, int] = (1080, 1920)
+    native_max_hw: tuple[int, int] | None = Field(
+        None, description="Cap (height, width) on every size; null: HF's FuyuImageProcessor box (models/fuyu/inputs.py)."
+    )
     seed_sizes: list[int] = Field(default_factory=lambda: [448, 512, 768])
 
 

@@ -41,10 +41,8 @@ from typing import Any
 import numpy as np
 
 from otterhd_ray.config import BucketConfig
+from otterhd_ray.models.fuyu.inputs import HF_IMAGE_BOX_HW, IGNORE_INDEX, PATCH_DIM, PATCH_SIZE
 
-PATCH = 30
-PATCH_VALUES = PATCH * PATCH * 3
-IGNORE_INDEX = -100
 TOO_LONG = "too_long"
 DEFAULT_BUFFER_SIZE = 256
 DEFAULT_LOOKAHEAD = 4.0
@@ -63,13 +61,13 @@ def epoch_uniforms(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def _round30(side: float, cap: int) -> int:
-    floor_cap = max(PATCH, cap // PATCH * PATCH)
-    return int(min(floor_cap, max(PATCH, round(side / PATCH) * PATCH)))
+    floor_cap = max(PATCH_SIZE, cap // PATCH_SIZE * PATCH_SIZE)
+    return int(min(floor_cap, max(PATCH_SIZE, round(side / PATCH_SIZE) * PATCH_SIZE)))
 
 
 def num_image_tokens(size_hw: tuple[int, int]) -> int:
     """Tokens an image resized into `size_hw` takes in Fuyu's layout: rows × (cols + one |NEWLINE|)."""
-    rows, cols = math.ceil(size_hw[0] / PATCH), math.ceil(size_hw[1] / PATCH)
+    rows, cols = math.ceil(size_hw[0] / PATCH_SIZE), math.ceil(size_hw[1] / PATCH_SIZE)
     return rows * (cols + 1)
 
 
@@ -84,12 +82,16 @@ class BucketPolicy:
             raise ValueError("buckets: long_sides is empty and native is off; no size to choose from")
         if self.cfg.mode == "seed" and not self.cfg.seed_sizes:
             raise ValueError("buckets: mode 'seed' needs at least one entry in seed_sizes")
-        if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.seed_sizes, *self.cfg.native_max_hw]):
+        if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.seed_sizes, *self.cap_hw]):
             raise ValueError("buckets: every size must be positive")
+
+    @property
+    def cap_hw(self) -> tuple[int, int]:
+        return self.cfg.native_max_hw or HF_IMAGE_BOX_HW
 
     def _fit(self, native_hw: tuple[int, int], long_side: float) -> tuple[int, int]:
         h, w = native_hw
-        cap_h, cap_w = self.cfg.native_max_hw
+        cap_h, cap_w = self.cap_hw
         scale = min(long_side / max(h, w), cap_h / h, cap_w / w)
         return _round30(h * scale, cap_h), _round30(w * scale, cap_w)
 
@@ -258,7 +260,7 @@ def assemble(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ids.append(input_ids)
         targets.append(target)
         positions.append(np.arange(len(input_ids), dtype=np.int64))
-        p = np.asarray(s["patches"], dtype=np.uint8).reshape(-1, PATCH_VALUES)
+        p = np.asarray(s["patches"], dtype=np.uint8).reshape(-1, PATCH_DIM)
         patches.append(p)
         cu.append(cu[-1] + len(input_ids))
     target_ids = np.concatenate(targets)

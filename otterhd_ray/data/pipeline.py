@@ -72,8 +72,6 @@ import pyarrow.parquet as pq
 
 from otterhd_ray.config import DataConfig
 from otterhd_ray.data.buckets import (
-    IGNORE_INDEX,
-    PATCH_VALUES,
     TOO_LONG,
     BucketPolicy,
     assemble,
@@ -86,6 +84,7 @@ from otterhd_ray.data.buckets import (
 from otterhd_ray.data.mix import EpochPlan, plan_epoch, read_layout, repeat_id
 from otterhd_ray.data.rejects import REJECT_SCHEMA, reject_row, rejects_table
 from otterhd_ray.data.shards import list_shard_files, resolve_filesystem
+from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PATCH_DIM
 
 INDEX_VERSION = 1
 PREPROCESS_ERROR = "preprocess_error"
@@ -185,20 +184,6 @@ def _processor(tokenizer_dir: str, template: str) -> Any:
     return FuyuProcessor(load_tokenizer(tokenizer_dir), template)
 
 
-@lru_cache(maxsize=1)
-def _probe_image() -> Any:
-    from PIL import Image
-
-    return Image.new("RGB", (30, 30))
-
-
-def _text_tokens(processor: Any, conversations: Any) -> int:
-    """Tokens of everything but the image rows, by encoding against a one-patch image (the processor is the
-    only authority on the text layout; this keeps the index exact without duplicating it)."""
-    sample = processor.encode_conversation(_probe_image(), conversations, size=(30, 30))
-    return int(sample["num_tokens"]) - num_image_tokens((30, 30))
-
-
 # -------------------------------------------------------------------------------------------- the index
 @lru_cache(maxsize=8)
 def _tokenizer_fingerprint(tokenizer_dir: str) -> str:
@@ -258,7 +243,7 @@ def index_file(path: str, tokenizer_dir: str, template: str, max_pixels: int) ->
                         raise BadSample("missing_image", "image is null")
                     h, w = image_size(image, max_pixels)
                     conv = rows["conversations"][i].as_py() if "conversations" in rows else None
-                    text = _text_tokens(processor, conv)
+                    text = processor.num_text_tokens(conv)
                 except BadSample as err:
                     reason, detail = err.reason, err.detail
                 except Exception as err:  # a bug or an exotic row must not stop the index; it is a reject
@@ -615,7 +600,7 @@ def filler_micro_batch(tokenizer_dir: str | Path) -> dict[str, Any]:
         "position_ids": np.arange(3, dtype=np.int64),
         "cu_seqlens": np.array([0, 3], np.int32),
         "max_seqlen": 3,
-        "patches": np.zeros((1, PATCH_VALUES), np.uint8),
+        "patches": np.zeros((1, PATCH_DIM), np.uint8),
         "sample_index": np.zeros(0, np.int64),
         "num_target_tokens": 0,
     }
@@ -627,7 +612,7 @@ def _row_to_sample(row: dict[str, Any]) -> dict[str, Any]:
         "sample_index": int(row["sample_index"]),
         "input_ids": np.frombuffer(row["input_ids"], np.int32),
         "labels": np.frombuffer(row["labels"], np.int32),
-        "patches": np.frombuffer(row["patches"], np.uint8).reshape(-1, PATCH_VALUES),
+        "patches": np.frombuffer(row["patches"], np.uint8).reshape(-1, PATCH_DIM),
         "num_tokens": int(row["num_tokens"]),
     }
 

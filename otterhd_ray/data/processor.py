@@ -10,7 +10,8 @@ Image path, matching transformers 5.17 `FuyuImageProcessor` (PIL backend) step f
    so the pad is the integer pixel 1 (normalised: (1/255 - 0.5)/0.5 = -0.99216), not white;
 4. emit only the patches covering the unpadded area rounded up to 30, row-major, each flattened as (30, 30, 3).
 Patches stay uint8 (4x smaller than float32 through Ray's object store); `normalize_patches` gives HF's float32
-values bit for bit on whichever device the batch lands.
+values bit for bit on whichever device the batch lands. The patch size, HF's image box, the ignore index and
+`normalize_patches` belong to the model (`otterhd_ray.models.fuyu.inputs`); this module imports them.
 
 Token layout of one image + prompt (HF `FuyuProcessor`): `[|SPEAKER| x cols, |NEWLINE|] x rows`, `<s>`, then
 `tokenizer(prompt + "<0x04>")` without special tokens. Training: the image once, then per turn
@@ -31,40 +32,12 @@ from PIL import Image
 from otterhd_ray.config import SEED_TRAIN_TEMPLATE
 from otterhd_ray.data.images import BadSample
 from otterhd_ray.data.tokenizer import BOA_TOKEN, FuyuTokens, fuyu_tokens
+from otterhd_ray.models.fuyu.inputs import HF_IMAGE_BOX_HW, IGNORE_INDEX, PATCH_DIM, PATCH_SIZE
 
-PATCH = 30
-PATCH_DIM = PATCH * PATCH * 3
-HF_MAX_HW = (1080, 1920)  # FuyuImageProcessor.size
 PAD_PIXEL = 1  # HF's padding_value=1.0 applied to the uint8 image (see module doc)
-IGNORE_INDEX = -100
-
-# HF: float32(float64(x) * (1/255)), then (x - float32(0.5)) / float32(0.5) in float32. A 256-entry table of exactly
-# those values makes normalisation a gather, bit-identical by construction.
-_RESCALED = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-NORMALIZE_LUT = (_RESCALED - np.float32(0.5)) / np.float32(0.5)
-_TORCH_LUTS: dict[Any, Any] = {}
 
 
-def normalize_patches(x: Any) -> Any:
-    """uint8 patches (numpy or torch, any shape) -> float32 `(x/255 - 0.5)/0.5`, bit-identical to HF's values."""
-    if isinstance(x, np.ndarray):
-        if x.dtype != np.uint8:
-            raise ValueError(f"normalize_patches expects uint8 pixels, got {x.dtype}")
-        return NORMALIZE_LUT[x]
-    import torch
-
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"normalize_patches expects a numpy array or torch tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise ValueError(f"normalize_patches expects uint8 pixels, got {x.dtype}")
-    lut = _TORCH_LUTS.get(x.device)
-    if lut is None:
-        lut = _TORCH_LUTS[x.device] = torch.from_numpy(NORMALIZE_LUT).to(x.device)
-    # index with int32, never with the uint8 tensor itself (torch would read that as a boolean mask)
-    return lut[x.to(torch.int32)]
-
-
-def hf_resized_size(height: int, width: int, max_hw: tuple[int, int] = HF_MAX_HW) -> tuple[int, int]:
+def hf_resized_size(height: int, width: int, max_hw: tuple[int, int] = HF_IMAGE_BOX_HW) -> tuple[int, int]:
     """(h, w) FuyuImageProcessor resizes a (height, width) image to: shrink to fit `max_hw`, never enlarge."""
     max_h, max_w = max_hw
     if width <= max_w and height <= max_h:
@@ -76,7 +49,7 @@ def hf_resized_size(height: int, width: int, max_hw: tuple[int, int] = HF_MAX_HW
 
 def patch_grid(height: int, width: int) -> tuple[int, int]:
     """(rows, cols) of patches emitted for a resized image of (height, width)."""
-    return math.ceil(height / PATCH), math.ceil(width / PATCH)
+    return math.ceil(height / PATCH_SIZE), math.ceil(width / PATCH_SIZE)
 
 
 def resize_image(image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
@@ -101,12 +74,12 @@ def patchify(pixels_HW3: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         raise ValueError(f"expected uint8 [H, W, 3] pixels, got {pixels_HW3.dtype} {pixels_HW3.shape}")
     height, width = pixels_HW3.shape[:2]
     rows, cols = patch_grid(height, width)
-    if (rows * PATCH, cols * PATCH) != (height, width):
-        padded = np.full((rows * PATCH, cols * PATCH, 3), PAD_PIXEL, dtype=np.uint8)
+    if (rows * PATCH_SIZE, cols * PATCH_SIZE) != (height, width):
+        padded = np.full((rows * PATCH_SIZE, cols * PATCH_SIZE, 3), PAD_PIXEL, dtype=np.uint8)
         padded[:height, :width] = pixels_HW3
         pixels_HW3 = padded
     patches_PC = (
-        pixels_HW3.reshape(rows, PATCH, cols, PATCH, 3)
+        pixels_HW3.reshape(rows, PATCH_SIZE, cols, PATCH_SIZE, 3)
         .transpose(0, 2, 1, 3, 4)
         .reshape(rows * cols, PATCH_DIM)
     )
@@ -196,14 +169,39 @@ class FuyuProcessor:
         }
 
     # ---------------------------------------------------------------------------------------------- api
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of an eval prompt's text as `encode_prompt` lays them after the image block and `<s>`:
+        `tokenizer(text + "<0x04>")`. For callers that build the image block themselves (the eval predictor)."""
+        if not isinstance(text, str):
+            raise BadSample("missing_text", f"prompt must be a string, got {type(text).__name__}")
+        return self._encode_prompt_text(text)
+
+    def encode_turns(self, conversations: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of a training conversation's turns as `encode_conversation` lays them after the image
+        block and `<s>`: per turn `template(instruction) <0x04>` (unsupervised), ` {answer}` end (supervised)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for instruction, answer in validate_conversation(conversations):
+            prompt_ids = self._encode_prompt_text(
+                self.instruction_template.replace("{instruction}", instruction), training=True
+            )
+            # " {answer}": the seed's space after <0x04>; a Metaspace tokenizer encodes it as the word-start mark.
+            answer_ids = self._tokenize(" " + answer, self._reserved_training) + [self.tokens.end]
+            ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        return ids, labels
+
+    def num_text_tokens(self, conversations: Sequence[dict[str, Any]]) -> int:
+        """Tokens a training conversation adds to its image's rows: `<s>` and every turn (no image work)."""
+        return 1 + len(self.encode_turns(conversations)[0])
+
     def encode_prompt(
         self, image: Image.Image, text: str, size: tuple[int, int] | None = None
     ) -> dict[str, Any]:
         """Eval: exactly transformers' `FuyuProcessor(images=image, text=text)` layout; labels all -100."""
-        if not isinstance(text, str):
-            raise BadSample("missing_text", f"prompt must be a string, got {type(text).__name__}")
+        text_ids = self.encode_text(text)
         patches_PC, grid, bucket = self._image_part(image, size)
-        ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens) + self._encode_prompt_text(text)
+        ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens) + text_ids
         return self._sample(ids, [IGNORE_INDEX] * len(ids), patches_PC, grid, bucket)
 
     def encode_conversation(
@@ -217,19 +215,11 @@ class FuyuProcessor:
         `conversations` alternates `{"role": "user", "text": ...}` and `{"role": "assistant", "text": ...}`,
         starting with the user and ending with the assistant. Anything else raises `BadSample`.
         """
-        turns = validate_conversation(conversations)
+        turn_ids, turn_labels = self.encode_turns(conversations)
         patches_PC, grid, bucket = self._image_part(image, size)
         ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens)
-        labels = [IGNORE_INDEX] * len(ids)
-        for instruction, answer in turns:
-            prompt_ids = self._encode_prompt_text(
-                self.instruction_template.replace("{instruction}", instruction), training=True
-            )
-            # " {answer}": the seed's space after <0x04>; a Metaspace tokenizer encodes it as the word-start mark.
-            answer_ids = self._tokenize(" " + answer, self._reserved_training) + [self.tokens.end]
-            ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        return self._sample(ids, labels, patches_PC, grid, bucket)
+        labels = [IGNORE_INDEX] * len(ids) + turn_labels
+        return self._sample(ids + turn_ids, labels, patches_PC, grid, bucket)
 
 
 def validate_conversation(conversations: Any) -> list[tuple[str, str]]:

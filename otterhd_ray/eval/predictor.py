@@ -21,11 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# Fuyu's processor shrinks (never enlarges) every image to fit this box; `resolution` acts before it.
-MAX_HW = (1080, 1920)
 # Decompression-bomb limit for benchmark images (PIL's default).
 MAX_IMAGE_PIXELS = 89_478_485
-_ONE_PATCH_IMAGE = Image.new("RGB", (30, 30))
 
 
 def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -124,7 +121,7 @@ class Predictor:
         self._pool = ThreadPoolExecutor(max_workers=max(1, preprocess_threads), thread_name_prefix="prep")
 
     def _prepare_image(self, data: bytes) -> tuple[Any, tuple[int, int]] | str:
-        """Decode, apply `resolution`, the processor's 1080x1920 cap, then patchify: (patches, grid).
+        """Decode, apply `resolution`, the processor's cap (HF's image box), then patchify: (patches, grid).
 
         Runs in a thread pool (Pillow and numpy release the GIL), so a batch's images are prepared in parallel,
         and once per item: both questions share the patches. Returns the error text for an unusable image.
@@ -144,16 +141,15 @@ class Predictor:
     def _prompt_ids(self, grid: tuple[int, int], text: str) -> Any:
         """The processor's layout for (image of `grid`, text): image tokens + `<s>` + tokenized text + `<0x04>`.
 
-        The text part comes from the processor itself, encoded with a one-patch image whose 3-token prefix
-        (|SPEAKER| |NEWLINE| <s>) is dropped; tokenizing stays on this thread (HF fast tokenizers are not safe
-        to call from several threads). tests/unit/test_eval_predictor.py checks equality with encode_prompt.
+        The text part comes from the processor itself (`encode_text`); tokenizing stays on this thread (HF fast
+        tokenizers are not safe to call from several threads). tests/unit/test_eval_predictor.py checks equality
+        with encode_prompt.
         """
         import torch  # noqa: PLC0415
 
         from otterhd_ray.data.processor import image_token_ids  # noqa: PLC0415
 
-        text_ids = self.processor.encode_prompt(_ONE_PATCH_IMAGE, text)["input_ids"][3:]
-        ids = image_token_ids(grid, self.processor.tokens) + [int(t) for t in text_ids]
+        ids = image_token_ids(grid, self.processor.tokens) + self.processor.encode_text(text)
         return torch.as_tensor(ids, dtype=torch.long)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

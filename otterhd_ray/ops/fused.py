@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,42 +63,47 @@ def rotary_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class Projection(NamedTuple):
+    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them, with the
+    factors of its LoRA adapter when it has one (models/fuyu/lora.py; `lora_A` None: no adapter or merged)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor | None = None  # [R, in]
+    lora_B: torch.Tensor | None = None  # [out, R]
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0  # applied to the adapter's input while training only
+
+
+def project(x: torch.Tensor, p: Projection, training: bool = False) -> torch.Tensor:
+    """Every projection of the model is computed here (the QKV, dense and MLP matmuls inside the glue, the patch
+    embedding and the LM head outside it): the one place where a low-rank adapter adds its update,
+    x W^T + b + (dropout(x) A^T) B^T * scale, as two thin matmuls (W + B A scale is never materialised)."""
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora_A is None:
+        return y
+    if p.lora_dropout > 0.0 and training:
+        x = F.dropout(x, p.lora_dropout, training=True)
+    return y + F.linear(F.linear(x, p.lora_A), p.lora_B) * p.lora_scale
+
+
 @dataclass
 class LayerWeights:
     """The tensors of one decoder layer, passed explicitly so the glue functions are pure (compilable)."""
 
     ln1_w: torch.Tensor
     ln1_b: torch.Tensor
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
+    qkv: Projection
     qn_w: torch.Tensor | None
     qn_b: torch.Tensor | None
     kn_w: torch.Tensor | None
     kn_b: torch.Tensor | None
-    dense_w: torch.Tensor
-    dense_b: torch.Tensor
+    dense: Projection
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    up_w: torch.Tensor
-    up_b: torch.Tensor
-    down_w: torch.Tensor
-    down_b: torch.Tensor
-    # LoRA adapters of the four projections (None: not adapted, or merged into the weight); see models/fuyu/lora.py.
-    qkv_lora: Any = None
-    dense_lora: Any = None
-    up_lora: Any = None
-    down_lora: Any = None
+    up: Projection
+    down: Projection
     training: bool = False  # adapter dropout is active only while training
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lora: Any, training: bool) -> torch.Tensor:
-    """Every projection of the layer goes through here: x W^T + b (+ the LoRA term (dropout(x) A^T) B^T s)."""
-    y = F.linear(x, weight, bias)
-    if lora is None:
-        return y
-    if lora.dropout > 0.0 and training:
-        x = F.dropout(x, lora.dropout, training=True)
-    return y + F.linear(F.linear(x, lora.A), lora.B) * lora.scale
 
 
 def attn_in(
@@ -111,7 +116,7 @@ def attn_in(
     norm: Callable = layer_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
-    qkv = _linear(h_TD, w.qkv_w, w.qkv_b, w.qkv_lora, w.training)
+    qkv = project(h_TD, w.qkv, w.training)
     # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
     qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
     q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
@@ -127,10 +132,9 @@ def attn_in(
 def attn_out(
     x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
 ) -> torch.Tensor:
-    x_TD = x_TD + _linear(o_THK.reshape(o_THK.shape[0], -1), w.dense_w, w.dense_b, w.dense_lora, w.training)
+    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense, w.training)
     h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
-    up_TF = _linear(h_TD, w.up_w, w.up_b, w.up_lora, w.training)
-    return x_TD + _linear(relu2(up_TF), w.down_w, w.down_b, w.down_lora, w.training)
+    return x_TD + project(relu2(project(h_TD, w.up, w.training)), w.down, w.training)
 
 
 # ------------------------------------------------------------------------------------------------ modes

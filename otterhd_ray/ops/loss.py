@@ -1,10 +1,11 @@
 """Cross-entropy of the LM head on supervised positions only, without materialising the full logits.
 
-`linear_cross_entropy(h_ND, weight_VD, targets_N, chunk_size)` returns the *sum* of the token losses. It computes
-`chunk_size` rows of logits at a time and, when gradients are needed, their gradients in the same pass (the
-softmax minus the one-hot), so neither forward nor backward ever holds more than `chunk_size x V` logits and the
-logits matmul is never recomputed. The reference is `F.cross_entropy(h @ W.T, t, reduction="sum")` with float32
-logits, which is what transformers' loss does.
+`linear_cross_entropy(h_ND, weight_VD, targets_N, chunk_size, ignore_index=...)` returns the *sum* of the token
+losses. It computes `chunk_size` rows of logits at a time and, when gradients are needed, their gradients in the
+same pass (the softmax minus the one-hot), so neither forward nor backward ever holds more than `chunk_size x V`
+logits and the logits matmul is never recomputed. The reference is `F.cross_entropy(h @ W.T, t, reduction="sum")` with
+float32 logits, which is what transformers' loss does. Rows whose target is `ignore_index` count zero; the value is
+the model's (`otterhd_ray.models.fuyu.IGNORE_INDEX`), passed in because ops sit below the models.
 
 Legend: N supervised rows, D hidden, V vocabulary.
 """
@@ -14,17 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
 
-
-def reference_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+def reference_cross_entropy(
+    h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, *, ignore_index: int
+) -> torch.Tensor:
     logits = F.linear(h_ND, weight_VD).float()
-    return F.cross_entropy(logits, targets_N, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, targets_N, ignore_index=ignore_index, reduction="sum")
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, targets_N, chunk_size):
+    def forward(ctx, h_ND, weight_VD, targets_N, chunk_size, ignore_index):
         N = h_ND.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -37,7 +38,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = targets_N[start : start + chunk_size]
             logits = F.linear(h, weight_VD).float()
             lse = torch.logsumexp(logits, dim=-1)
-            valid = t != IGNORE_INDEX
+            valid = t != ignore_index
             t_safe = torch.where(valid, t, 0)
             picked = logits.gather(1, t_safe[:, None])[:, 0]
             loss += torch.where(valid, lse - picked, 0.0).sum()
@@ -62,17 +63,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(
-    h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk_size: int = 2048
+    h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk_size: int = 2048, *, ignore_index: int
 ) -> torch.Tensor:
-    """Sum over rows of CE(h @ W.T, target) in float32; rows with target -100 count zero."""
+    """Sum over rows of CE(h @ W.T, target) in float32; rows whose target is `ignore_index` count zero."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if h_ND.shape[0] != targets_N.shape[0]:
         raise ValueError(f"{h_ND.shape[0]} hidden rows but {targets_N.shape[0]} targets")
     if h_ND.shape[0] == 0:
         return (h_ND.sum() + weight_VD.sum()).float() * 0.0
-    return _ChunkedLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk_size, ignore_index)

@@ -155,7 +155,7 @@ def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
 
 def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
     """The Fuyu model of `cfg.model` on `device` (bf16 for DeepSpeed bf16 runs, else fp32)."""
-    from otterhd_ray.models.fuyu.model import build_model
+    from otterhd_ray.models.fuyu import build_model
     from otterhd_ray.train.deepspeed import resolve_precision
 
     tokenizer = None

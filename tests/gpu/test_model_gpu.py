@@ -8,8 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from otterhd_ray.data.processor import normalize_patches
-from otterhd_ray.models.fuyu import flavour_config, new_model, save_hf
+from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches, save_hf
 from otterhd_ray.ops.attention import available_backends, packed_attention
 
 pytestmark = pytest.mark.gpu

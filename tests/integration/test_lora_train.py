@@ -99,7 +99,7 @@ def test_resume_with_lora_reproduces_losses(data_dir, tmp_path, zero2_run):
 
 
 def _logits_hf(model, ids, patches):
-    from otterhd_ray.data.processor import normalize_patches
+    from otterhd_ray.models.fuyu.inputs import normalize_patches
 
     with torch.no_grad():
         return model(input_ids=ids[None], image_patches=normalize_patches(patches)[None]).logits[0]

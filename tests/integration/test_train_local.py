@@ -208,8 +208,8 @@ def test_loss_falls_and_metrics_are_complete(full_run):
 
 def test_export_loads_in_transformers_with_identical_logits(full_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from otterhd_ray.data.processor import normalize_patches
     from otterhd_ray.export import export_checkpoint
+    from otterhd_ray.models.fuyu import normalize_patches
     from otterhd_ray.train.checkpoint import consolidated_state_dict
 
     _, full, _ = full_run

@@ -13,9 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from otterhd_ray.data.processor import normalize_patches  # noqa: E402
 from otterhd_ray.models.fuyu import flavour_config, load_hf, new_model, save_hf  # noqa: E402
 from otterhd_ray.models.fuyu.hf import key_map  # noqa: E402
+from otterhd_ray.models.fuyu.inputs import normalize_patches  # noqa: E402
 from otterhd_ray.models.fuyu.lora import TARGETS, LoraSpec, adapters, add_lora, remove_lora  # noqa: E402
 from otterhd_ray.models.fuyu.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 

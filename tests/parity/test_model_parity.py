@@ -9,8 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from otterhd_ray.data.processor import normalize_patches  # noqa: E402
-from otterhd_ray.models.fuyu import flavour_config, load_hf, new_model, save_hf  # noqa: E402
+from otterhd_ray.models.fuyu import flavour_config, load_hf, new_model, normalize_patches, save_hf  # noqa: E402
 from otterhd_ray.ops.attention import available_backends  # noqa: E402
 
 CFG = flavour_config("debug")

@@ -29,14 +29,9 @@ from transformers import FuyuProcessor as HFFuyuProcessor  # noqa: E402
 from transformers.image_utils import load_image  # noqa: E402
 
 from otterhd_ray.data.images import decode_image  # noqa: E402
-from otterhd_ray.data.processor import (  # noqa: E402
-    NORMALIZE_LUT,
-    PAD_PIXEL,
-    FuyuProcessor,
-    image_to_patches,
-    normalize_patches,
-)
+from otterhd_ray.data.processor import PAD_PIXEL, FuyuProcessor, image_to_patches  # noqa: E402
 from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: E402
+from otterhd_ray.models.fuyu.inputs import NORMALIZE_LUT, normalize_patches  # noqa: E402
 
 MAX_PIXELS = 89_478_485
 PROMPTS = [

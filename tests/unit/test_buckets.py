@@ -10,8 +10,6 @@ from PIL import Image
 
 from otterhd_ray.config import BucketConfig
 from otterhd_ray.data.buckets import (
-    IGNORE_INDEX,
-    PATCH_VALUES,
     BucketPolicy,
     StreamingPacker,
     assemble,
@@ -23,6 +21,7 @@ from otterhd_ray.data.buckets import (
     plan_packs,
     sample_rng,
 )
+from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_DIM
 
 
 def _policy(**kw) -> BucketPolicy:
@@ -165,7 +164,7 @@ def _sample(n: int, num_patches: int, sup: list[int], index: int, bucket=(30, 60
     ids = np.arange(100 * index, 100 * index + n, dtype=np.int32)
     labels = np.full(n, IGNORE_INDEX, np.int32)
     labels[sup] = ids[sup]
-    patches = np.full((num_patches, PATCH_VALUES), index, np.uint8)
+    patches = np.full((num_patches, PATCH_DIM), index, np.uint8)
     return {"id": f"s{index}", "source": "t", "input_ids": ids, "labels": labels, "patches": patches,
             "bucket": np.array(bucket, np.int32), "num_tokens": np.int32(n), "sample_index": index}
 
@@ -179,7 +178,7 @@ def test_assemble_shifts_targets_per_sample_and_restarts_positions():
     assert mb["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
     assert mb["cu_seqlens"].tolist() == [0, 5, 9] and mb["cu_seqlens"].dtype == np.int32
     assert mb["max_seqlen"] == 5 and mb["num_target_tokens"] == 4
-    assert mb["patches"].shape == (3, PATCH_VALUES) and mb["patches"][:, 0].tolist() == [1, 1, 2]
+    assert mb["patches"].shape == (3, PATCH_DIM) and mb["patches"][:, 0].tolist() == [1, 1, 2]
     assert mb["sample_index"].tolist() == [1, 2]
     t = collate_to_torch(mb)
     import torch

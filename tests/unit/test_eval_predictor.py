@@ -92,12 +92,12 @@ def test_prompt_layout_equals_the_processor(tiny, size):
 
 def test_shared_prefix_gives_the_same_answers_and_groups_each_items_questions(tiny, monkeypatch):
     """Both questions of an item share the image prefix (prefilled once); answers equal the unshared path's."""
-    import otterhd_ray.models.fuyu.model as model_module
+    import otterhd_ray.models.fuyu.generate as generate_module
 
     model, tok = tiny
     seen = []
-    real = model_module.prefix_groups
-    monkeypatch.setattr(model_module, "prefix_groups", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    real = generate_module.prefix_groups
+    monkeypatch.setattr(generate_module, "prefix_groups", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     # resolution -1: 300x200 -> 7 rows x (10 patches + |NEWLINE|) = 77 image tokens, 240x150 -> 5 x 9 = 45
     batch = _batch([_jpeg(300, 200), b"not an image", _jpeg(240, 150), _jpeg(300, 200)])
     ref = Predictor.from_model(model, tok, max_new_tokens=4, stop_ids=[], share_prefix=False)(batch)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from otterhd_ray.models.fuyu import flavour_config, new_model
-from otterhd_ray.models.fuyu.model import _group_layout, prefix_groups
+from otterhd_ray.models.fuyu.generate import _group_layout, prefix_groups
 
 CFG = flavour_config("debug")
 IMG, NL, BOS = CFG.image_token_id, CFG.image_token_id + 1, CFG.bos_token_id

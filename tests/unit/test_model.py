@@ -215,3 +215,17 @@ def test_build_model_loads_path(tmp_path):
     m = build_model(ModelConfig(path=str(tmp_path), num_layers=1))
     assert len(m.layers) == 1
     torch.testing.assert_close(m.layers[0].mlp.dense_h_to_4h.weight, src.layers[0].mlp.dense_h_to_4h.weight)
+
+
+def test_importing_the_model_package_loads_torch_only():
+    """`import otterhd_ray.models.fuyu` (what a GPU worker or the data layer pulls in) loads torch and none of
+    the data / config stack: transformers, PIL, pydantic, yaml (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, otterhd_ray.models.fuyu\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'PIL', 'pydantic', 'yaml'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "['torch']", out.stdout + out.stderr

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from otterhd_ray.models.fuyu import IGNORE_INDEX
 from otterhd_ray.ops import attention, fused, loss
 
 torch.manual_seed(0)
@@ -100,10 +103,19 @@ def layer_weights(D=32, H=4, F_=64, grad=True):
         return (base + scale * torch.randn(*shape)).requires_grad_(grad)
 
     return fused.LayerWeights(
-        ln1_w=p(D, base=1.0), ln1_b=p(D), qkv_w=p(3 * D, D), qkv_b=p(3 * D), qn_w=p(K, base=1.0), qn_b=p(K),
-        kn_w=p(K, base=1.0), kn_b=p(K), dense_w=p(D, D), dense_b=p(D), ln2_w=p(D, base=1.0), ln2_b=p(D),
-        up_w=p(F_, D), up_b=p(F_), down_w=p(D, F_), down_b=p(D),
+        ln1_w=p(D, base=1.0), ln1_b=p(D), qkv=fused.Projection(p(3 * D, D), p(3 * D)), qn_w=p(K, base=1.0),
+        qn_b=p(K), kn_w=p(K, base=1.0), kn_b=p(K), dense=fused.Projection(p(D, D), p(D)), ln2_w=p(D, base=1.0),
+        ln2_b=p(D), up=fused.Projection(p(F_, D), p(F_)), down=fused.Projection(p(D, F_), p(D)),
     )
+
+
+def tensors_of(w):
+    """Every tensor of a LayerWeights (projections flattened)."""
+    out = []
+    for value in vars(w).values():
+        items = value if isinstance(value, tuple) else (value,)  # projections also carry LoRA scale/dropout floats
+        out += [t for t in items if isinstance(t, torch.Tensor)]
+    return out
 
 
 @pytest.mark.timeout(240)
@@ -111,7 +123,7 @@ def test_compiled_glue_equals_reference_forward_and_backward():
     ref_ops = fused.resolve_fused_ops("none", "cpu")
     comp_ops = fused.resolve_fused_ops("compile", "cpu")
     w = layer_weights()
-    params = [t for t in vars(w).values() if t is not None]
+    params = tensors_of(w)
     cos, sin = fused.rotary_cos_sin(torch.arange(9), 4, 25_000.0, torch.float32)
 
     def run(ops, x):
@@ -144,10 +156,10 @@ def test_chunked_cross_entropy_equals_reference(chunk):
     h = torch.randn(N, D, requires_grad=True)
     w = torch.randn(V, D, requires_grad=True)
     t = torch.randint(0, V, (N,))
-    t[[2, 7]] = loss.IGNORE_INDEX
-    ref = loss.reference_cross_entropy(h, w, t)
+    t[[2, 7]] = IGNORE_INDEX
+    ref = loss.reference_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX)
     ref_grads = torch.autograd.grad(ref * 0.5, (h, w))
-    out = loss.linear_cross_entropy(h, w, t, chunk_size=chunk)
+    out = loss.linear_cross_entropy(h, w, t, chunk_size=chunk, ignore_index=IGNORE_INDEX)
     grads = torch.autograd.grad(out * 0.5, (h, w))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(out, F.cross_entropy(h @ w.T, t, reduction="sum"))
@@ -160,19 +172,20 @@ def test_chunked_cross_entropy_bf16_close_to_fp32_reference():
     h = torch.randn(N, D)
     w = torch.randn(V, D) * 0.2
     t = torch.randint(0, V, (N,))
-    ref = loss.reference_cross_entropy(h, w, t)
-    out = loss.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t, chunk_size=7)
+    ref = loss.reference_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX)
+    out = loss.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t, chunk_size=7, ignore_index=IGNORE_INDEX)
     assert abs(out.item() - ref.item()) < 0.01 * abs(ref.item())
 
 
 def test_chunked_cross_entropy_edge_cases():
     h, w = torch.randn(0, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
-    out = loss.linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    ce = functools.partial(loss.linear_cross_entropy, ignore_index=IGNORE_INDEX)
+    out = ce(h, w, torch.zeros(0, dtype=torch.long))
     out.backward()
     assert out.item() == 0.0 and w.grad is not None
     with pytest.raises(ValueError):
-        loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(2, dtype=torch.long))
+        ce(torch.randn(3, 4), w, torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError):
-        loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
+        ce(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
     with torch.no_grad():  # no gradient buffers without grad
-        assert loss.linear_cross_entropy(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long)).item() > 0
+        assert ce(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long)).item() > 0

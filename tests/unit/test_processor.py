@@ -12,15 +12,14 @@ from PIL import Image
 from otterhd_ray.config import SEED_TRAIN_TEMPLATE
 from otterhd_ray.data.images import BadSample
 from otterhd_ray.data.processor import (
-    IGNORE_INDEX,
     PAD_PIXEL,
     FuyuProcessor,
     hf_resized_size,
     image_to_patches,
-    normalize_patches,
     validate_conversation,
 )
 from otterhd_ray.data.tokenizer import load_tokenizer
+from otterhd_ray.models.fuyu import IGNORE_INDEX, normalize_patches
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +174,27 @@ def test_multi_turn_supervises_every_answer(tok, proc):
     assert (ids == t.boa).sum() == 3 and (labels[ids == t.boa] == IGNORE_INDEX).all()
     assert (labels[ids == t.end] == t.end).all() and (ids == t.end).sum() == 3
     assert (labels[: 3 * 4 + 1] == IGNORE_INDEX).all()
+
+
+def test_text_only_encodings_match_the_full_layout(proc):
+    """encode_text / encode_turns / num_text_tokens are exactly the text part of encode_prompt /
+    encode_conversation (what the eval predictor and the pipeline's index use, with no image work)."""
+    for hw in ((45, 61), (30, 30), (95, 7)):
+        image = _image(*hw)
+        grid = proc.encode_prompt(image, "x")["grid"].tolist()
+        num_image = grid[0] * (grid[1] + 1) + 1  # rows x (cols + |NEWLINE|), then <s>
+        full = proc.encode_prompt(image, "What is it?")
+        assert proc.encode_text("What is it?") == full["input_ids"][num_image:].tolist()
+        conv = _conv("Q one?", "First.", "Q two?", "Second answer.")
+        sample = proc.encode_conversation(image, conv)
+        ids, labels = proc.encode_turns(conv)
+        assert ids == sample["input_ids"][num_image:].tolist() and labels == sample["labels"][num_image:].tolist()
+        assert proc.num_text_tokens(conv) == sample["num_tokens"] - (num_image - 1)
+    with pytest.raises(BadSample, match="missing_text"):
+        proc.encode_text(None)
+    with pytest.raises(BadSample) as err:
+        proc.num_text_tokens(_conv("q"))
+    assert err.value.reason == "no_assistant_turn"
 
 
 def test_custom_template(tok):

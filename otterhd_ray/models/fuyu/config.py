@@ -10,9 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PATCH_SIZE = 30
-NUM_CHANNELS = 3
-PATCH_DIM = PATCH_SIZE * PATCH_SIZE * NUM_CHANNELS  # 2700 raw values per 30x30 RGB patch
+from otterhd_ray.models.fuyu.inputs import NUM_CHANNELS, PATCH_DIM, PATCH_SIZE
 
 
 @dataclass(frozen=True)

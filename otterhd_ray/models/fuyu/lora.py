@@ -11,11 +11,12 @@ so our keys read `layers.3.self_attn.query_key_value.lora.A`. The base weight ke
 checkpoint layout of the base is the same with or without adapters, and `merge`/`unmerge` are exact inverses up
 to rounding.
 
-How the low-rank term reaches the output (never by materialising W + BA·scale during training):
-- the decoder projections (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are read by the layer glue
-  through `LayerWeights` and carry `(A, B, scale, p)`; the glue adds the term in every fused_ops mode;
-- vision_embed_tokens and lm_head called as modules (embedding, generation): a forward hook adds it;
-- lm_head inside the chunked loss: `head_operands` appends the adapter as extra columns ([h, u] @ [W, B]^T).
+How the low-rank term reaches the output (never by materialising W + BA·scale during training): every projection
+is read through `model.projection(linear)`, which hands the adapter's `(A, B, scale, dropout)` to
+`ops.fused.project` with the weight; `project` adds the term. That covers the four decoder projections inside
+the (compiled) layer glue for training, prefill and decode, the patch embedding and the LM head of generation.
+The chunked loss takes the head as one weight: `head_operands` appends the adapter as extra columns
+([h, u] @ [W, B]^T).
 
 Legend: T tokens, N rows, D in-features, F out-features, R rank.
 """
@@ -129,24 +130,6 @@ def lora_delta(
     return F.linear(F.linear(x_ND, A_RD), B_FR) * scale
 
 
-@dataclass
-class LoraParams:
-    """What the (compilable) layer glue needs of one adapter: tensors and two python floats."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    dropout: float
-
-
-def params_of(linear: nn.Linear) -> LoraParams | None:
-    """The adapter of `linear` for the glue, or None (no adapter, or merged into the weight)."""
-    adapter = getattr(linear, "lora", None)
-    if adapter is None or adapter.merged:
-        return None
-    return LoraParams(adapter.A, adapter.B, adapter.scale, adapter.dropout)
-
-
 # ------------------------------------------------------------------------------------------ attaching
 def target_modules(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Linear]]:
     """(our module name, module) of every targeted linear layer, in a fixed order (layers first)."""
@@ -159,22 +142,16 @@ def target_modules(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple
             yield target, getattr(model, target)
 
 
-def _hook(module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    return out + module.lora(args[0])
-
-
 def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Attach adapters to `model` in place (on its device and dtype), freeze every base parameter, return it."""
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in target_modules(model, spec.targets):
+    for _, linear in target_modules(model, spec.targets):
         w = linear.weight
         linear.lora = LoraAdapter(linear.in_features, linear.out_features, spec, device=w.device, dtype=w.dtype)
-        linear.lora.train(model.training)  # a new module is in training mode: dropout in an eval model otherwise
-        if name in OPTIONAL_TARGETS:
-            linear._lora_hook = linear.register_forward_hook(_hook)
+        linear.lora.train(model.training)
     model.lora_spec = spec
     return model
 
@@ -220,27 +197,19 @@ def remove_lora(model: nn.Module, merge_first: bool = True) -> nn.Module:
     if merge_first:
         merge(model)
     for name, _ in list(adapters(model)):
-        linear = model.get_submodule(name)
-        hook = getattr(linear, "_lora_hook", None)
-        if hook is not None:
-            hook.remove()
-            del linear._lora_hook
-        del linear.lora
+        del model.get_submodule(name).lora
     model.lora_spec = None
     return model
 
 
-def head_operands(
-    h_ND: torch.Tensor, lm_head: nn.Linear, training: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def head_operands(h_ND: torch.Tensor, head: Any, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, weight) for the chunked LM-head loss: h W^T + u B^T == [h, u] [W, B]^T with u = dropout(h) A^T s.
 
-    Without an (unmerged) adapter this is `(h, W)`. With one, the frozen W is concatenated with B once per step
-    ([V, D + R]); the loss's weight gradient then also covers W's columns, which are discarded (cost: one extra
-    head-sized buffer; lm_head is an optional target)."""
-    lora = params_of(lm_head)
-    if lora is None:
-        return h_ND, lm_head.weight
-    x = F.dropout(h_ND, lora.dropout, training=True) if lora.dropout > 0 and training else h_ND
-    u_NR = F.linear(x, lora.A) * lora.scale
-    return torch.cat([h_ND, u_NR], dim=-1), torch.cat([lm_head.weight.detach(), lora.B], dim=-1)
+    `head` is lm_head's `Projection` (model.projection). Without an (unmerged) adapter this is `(h, W)`. With one,
+    the frozen W is concatenated with B once per step ([V, D + R]); the loss's weight gradient then also covers
+    W's columns, which are discarded (cost: one head-sized buffer and matmul; lm_head is an optional target)."""
+    if head.lora_A is None:
+        return h_ND, head.weight
+    x = F.dropout(h_ND, head.lora_dropout, training=True) if head.lora_dropout > 0 and training else h_ND
+    u_NR = F.linear(x, head.lora_A) * head.lora_scale
+    return torch.cat([h_ND, u_NR], dim=-1), torch.cat([head.weight.detach(), head.lora_B], dim=-1)
