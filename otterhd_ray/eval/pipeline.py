@@ -57,6 +57,7 @@ def run_fingerprint(model: BenchModelSpec, dataset: BenchDatasetSpec, max_new_to
     """What makes a stored prediction reusable: same model, image size, questions and decode length."""
     key = {
         "model": [model.name, str(Path(model.model_path).expanduser().resolve()), model.resolution],
+        **({"adapter": str(Path(model.adapter_path).expanduser().resolve())} if model.adapter_path else {}),
         "dataset": [dataset.name, dataset.data_path, dataset.split, dataset.prompt],
         "max_new_tokens": max_new_tokens,
     }
@@ -160,6 +161,7 @@ def _predict_stream(cfg: BenchmarkConfig, model: BenchModelSpec, rows: list[dict
             "device": cfg.device,
             "dtype": cfg.dtype,
             "preprocess_threads": cfg.preprocess_threads,
+            **({"adapter_path": model.adapter_path} if model.adapter_path else {}),
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=cfg.gpus_per_actor or None,
@@ -423,6 +425,7 @@ def _run_metrics(
         "model": model.display_name,
         "model_name": model.name,
         "model_path": model.model_path,
+        "adapter_path": model.adapter_path,
         "resolution": model.resolution,
         "dataset": f"{dataset.name}/{dataset.split}",
         "data_path": dataset.data_path,
@@ -484,6 +487,8 @@ def run_evaluation(
                         f"model_path {model.model_path!r} is not a local directory; download the HF model "
                         "(e.g. adept/fuyu-8b) and point model_path at it"
                     )
+                if model.adapter_path and not Path(model.adapter_path).expanduser().is_dir():
+                    raise ValueError(f"adapter_path {model.adapter_path!r} is not a local PEFT adapter directory")
     start = time.perf_counter()
     loaded = {}
     for ds in cfg.datasets:
