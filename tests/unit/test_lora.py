@@ -207,3 +207,15 @@ def test_lora_config_section(tmp_path):
         load_finetune_config(None, ["lora.init_from=/x"])
     model = apply_lora_config(fresh(), FinetuneConfig().lora)
     assert model.lora_spec == LoraSpec()  # defaults: Otter's recipe r=64, alpha 32, dropout 0.05, four targets
+
+
+def test_mfu_flops_count_frozen_base_without_weight_gradients():
+    from otterhd_ray.train.metrics import flops_per_token
+
+    model = fresh()
+    full = flops_per_token(model, 10.0)
+    add_lora(model, LoraSpec(r=2))
+    base = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and ".lora." not in n
+               and n != "embed_tokens.weight")
+    adapters_n = sum(p.numel() for p in adapter_state_dict(model).values())
+    assert flops_per_token(model, 10.0) == full - 2.0 * base + 6.0 * adapters_n
