@@ -203,3 +203,20 @@ def test_killed_ray_worker_with_lora_recovers(data_dir, tmp_path):
     assert any(h["resumed_from_step"] == 2 for h in history)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_lora_config_trains_in_process_and_exports_both(tmp_path):
+    """configs/finetune/demo_lora.yaml as committed (paths moved to tmp; in process, one epoch, for time)."""
+    from otterhd_ray.train.trainer import run_finetune
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_finetune_config(root / "configs/finetune/demo_lora.yaml", [
+        f"data.datasets=[{{name: synth, path: {tmp_path / 'data' / 'train'}, num_samples: 24}}]",
+        f"data.tokenizer_path={tmp_path / 'tokenizer'}", f"data.rejects_path={tmp_path / 'rejects'}",
+        f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
+        f"train.output_dir={tmp_path / 'out'}", "ray.num_workers=0", "train.epochs=1",
+    ])
+    assert cfg.lora.enabled and "lm_head" in cfg.lora.targets
+    run_finetune(cfg)
+    assert (tmp_path / "out" / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
