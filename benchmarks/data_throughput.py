@@ -39,6 +39,7 @@ from otterhd_ray.data.images import decode_image  # noqa: E402
 from otterhd_ray.data.processor import FuyuProcessor, patchify, resize_image  # noqa: E402
 from otterhd_ray.data.synth import draw_scene  # noqa: E402
 from otterhd_ray.data.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from otterhd_ray.models.fuyu import PATCH_SIZE  # noqa: E402
 
 CONV = [
     {"role": "user", "text": "What color is the small triangle in the top left of the image?"},
@@ -78,7 +79,7 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
             h, w = image_size(data, MAX_PIXELS)
             if policy is None:
                 s = 1020 / max(h, w)
-                size = (round(h * s / 30) * 30, round(w * s / 30) * 30)
+                size = (round(h * s / PATCH_SIZE) * PATCH_SIZE, round(w * s / PATCH_SIZE) * PATCH_SIZE)
             else:
                 size = policy.choose_size((h, w), sample_rng(0, p, i))
             t0 = clock()

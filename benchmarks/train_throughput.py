@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches  # noqa: E402
+from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_SIZE, flavour_config, new_model, normalize_patches  # noqa: E402
 from otterhd_ray.models.fuyu.config import FuyuModelConfig  # noqa: E402
 
 BUCKETS = (448, 512, 768, 1024)
@@ -66,13 +66,13 @@ def make_workload(
         long_side = int(rng.choice(BUCKETS)) if max_side is None else max_side
         a, b = aspects[rng.integers(len(aspects))]  # height : width
         h, w = (long_side, long_side * b // a) if a >= b else (long_side * a // b, long_side)
-        rows, cols = math.ceil(h / 30), math.ceil(w / 30)
+        rows, cols = math.ceil(h / PATCH_SIZE), math.ceil(w / PATCH_SIZE)
         num_text = int(rng.integers(20, 301))
         num_answer = max(1, int(num_text * rng.uniform(0.1, 0.5)))
         image = ([cfg.image_token_id] * cols + [newline]) * rows
         text = rng.integers(3, min(cfg.image_token_id, cfg.vocab_size), num_text).tolist()
         ids = np.array(image + [cfg.bos_token_id] + text, dtype=np.int64)
-        labels = np.full_like(ids, -100)
+        labels = np.full_like(ids, IGNORE_INDEX)
         labels[-num_answer:] = ids[-num_answer:]
         patches = rng.integers(0, 256, (rows * cols, cfg.patch_dim), dtype=np.uint8)
         samples.append(Sample(ids, labels, patches, rows * cols))
@@ -98,7 +98,7 @@ def useful_flops(cfg: FuyuModelConfig, samples: list[Sample]) -> float:
         n = len(s.input_ids)
         per_token = L * 2 * D * (3 * D + D + 2 * F)  # qkv, dense, MLP up + down
         attention = L * 2 * 2 * D * n * (n + 1) / 2  # QK^T and PV, causal half
-        head = 2 * D * V * int((s.labels[1:] != -100).sum())
+        head = 2 * D * V * int((s.labels[1:] != IGNORE_INDEX).sum())
         patch = 2 * cfg.patch_dim * D * s.num_image_tokens
         # backward = 2x forward for every matmul, except the patch projection (no input gradient needed)
         total += 3 * (per_token * n + attention + head) + 2 * patch
@@ -132,7 +132,7 @@ def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, device: torc
         chunk = samples[i : i + batch_size]
         width = max(len(s.input_ids) for s in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for r, s in enumerate(chunk):
             n = len(s.input_ids)
@@ -173,7 +173,7 @@ def packed_batches(
         lengths = [len(s.input_ids) for s in group]
         targets = []
         for s in group:
-            t = np.full_like(s.labels, -100)
+            t = np.full_like(s.labels, IGNORE_INDEX)
             t[:-1] = s.labels[1:]
             targets.append(t)
         target_ids = torch.from_numpy(np.concatenate(targets))
@@ -185,7 +185,7 @@ def packed_batches(
                 "cu_seqlens": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device),
                 "max_seqlen": max(lengths),
                 "patches": torch.from_numpy(np.concatenate([s.patches for s in group])).to(device),
-                "num_target_tokens": int((target_ids != -100).sum()),
+                "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
                 "real_tokens": sum(lengths),
                 "samples": len(group),
             }

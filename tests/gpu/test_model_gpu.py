@@ -154,3 +154,28 @@ def test_generate_matches_transformers_on_gpu(tmp_path):
         with torch.no_grad():
             out = hf.generate(input_ids=ids[None], max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
         assert tokens == out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_stream_generate_on_gpu(share_prefix):
+    """bf16 + compiled glue on CUDA: greedy streams equal `generate`; seeded sampling (CUDA generators) repeats."""
+    from otterhd_ray.models.fuyu import SamplingParams, stream_generate
+
+    torch.manual_seed(5)
+    model = new_model(CFG, dtype=torch.bfloat16, device=DEV, fused_ops="compile").eval()
+    ids, patches, _ = SAMPLES[0]
+    # two questions about one image (one patches tensor), then two unrelated prompts
+    prompts = [(torch.cat([ids, ids[-5:]]).to(DEV), patches.to(DEV)), (ids.to(DEV), patches.to(DEV))]
+    prompts += [(s[0].to(DEV), s[1].to(DEV)) for s in SAMPLES[1:3]]
+
+    def run(params):
+        rows = [[] for _ in prompts]
+        for step in stream_generate(model, prompts, params, share_prefix=share_prefix, min_shared_tokens=8):
+            for b, token in step:
+                rows[b].append(token)
+        return rows
+
+    ref = model.generate(prompts, 10, [], share_prefix=share_prefix, min_shared_tokens=8)
+    assert run([SamplingParams(10)] * len(prompts)) == ref
+    hot = [SamplingParams(10, temperature=1.0, top_p=0.9, seed=b) for b in range(len(prompts))]
+    assert run(hot) == run(hot)

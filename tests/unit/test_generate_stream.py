@@ -75,10 +75,11 @@ def test_stop_ids_and_per_row_budgets(model, share_prefix):
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_cancellation_mid_stream(model, share_prefix):
     full = model.generate(PROMPTS, 6, [], share_prefix=share_prefix, min_shared_tokens=1)
-    cancelled: set[int] = {4}  # before the first step: never appears
+    cancelled: set[int] = set()  # empty when passed: the stream must keep watching this very set
     rows: list[list[int]] = [[] for _ in PROMPTS]
     steps = stream_generate(model, PROMPTS, greedy(6), share_prefix=share_prefix, cancelled=cancelled,
                             min_shared_tokens=1)
+    cancelled.add(4)  # before the first step: never appears
     for i, step in enumerate(steps):
         for b, token in step:
             rows[b].append(token)

@@ -131,7 +131,8 @@ def stream_generate(
     if prefill_chunk_tokens <= 0:
         raise ValueError(f"prefill_chunk_tokens must be positive, got {prefill_chunk_tokens}")
     groups = prefix_groups(prompts, model.config.image_token_id, min_shared_tokens) if share_prefix else None
-    return _stream(model, prompts, params, groups, cancelled or (), prefill_chunk_tokens)
+    # `cancelled` is kept as given (never `cancelled or ()`: an empty set the caller fills later must stay live)
+    return _stream(model, prompts, params, groups, () if cancelled is None else cancelled, prefill_chunk_tokens)
 
 
 @torch.no_grad()  # on a generator function: grad mode is set around each step only, never leaked to the caller
