@@ -22,14 +22,23 @@ LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
         "lora.targets=[query_key_value, dense, dense_h_to_4h, dense_4h_to_h, lm_head]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_process_group():
-    yield
+def _reset_distributed() -> None:
+    """Tear down the 1-rank gloo group DeepSpeed made in this process, and DeepSpeed's caches of it (its cached
+    world-group clone outlives `destroy_process_group` and breaks the next module's `deepspeed.initialize`)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
 
     ds_comm.cdb = None
+    ds_groups._WORLD_GROUP = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_process_group():
+    _reset_distributed()  # an earlier module may have left its group behind
+    yield
+    _reset_distributed()
 
 
 @pytest.fixture(scope="module")
