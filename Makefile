@@ -9,7 +9,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint gpu-test clean-venv
+.PHONY: demo test lint gpu-test clean-venv browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +23,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/otterhd demo --workdir demo_output
 
-test: $(STAMP)
+# The web page test (tests/integration/test_serve_app.py) drives Debian's chromium through chromium-driver:
+# installed once, quietly, where apt-get exists and we are root; skipped when already there.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	    >/dev/null; } || echo "make: could not install chromium + chromium-driver (the browser test needs them)"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

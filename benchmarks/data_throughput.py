@@ -6,22 +6,29 @@
    9:16 ... 16:9) in one process pinned to one CPU, no Ray: the cost one core pays per sample. Two kinds of
    JPEG: synth's scenes (smooth, like the training data) and the same scenes with pixel noise (high entropy,
    closer to photos, slower to decode). Policies: the default random buckets with and without JPEG draft
-   decoding, the seed's squares, and the worst case (every image kept at 1020 px, where draft cannot help).
+   decoding, OtterHD's squares (`otterhd` mode), and the worst case (every image kept at 1020 px, where draft cannot help).
    Stage times are CPU ms per sample (process CPU time, so other load on a shared machine does not count;
    `--wall` for wall time); "tokenize" is the processor's encode minus its resize and patchify.
 2. **Whole pipeline**, wall clock: `build_train_iterator` (one rank) over a shard of those JPEGs, in-process, and
    with `--ray` through Ray Data on a local Ray with every CPU of this machine (samples/s / CPUs = per core).
 3. **Packing**: `schedule_epoch` on a synthetic mix (`otterhd data synth`) — real tokens / (micro-batches x
    max_tokens) for several budgets, bucket modes and packer buffers.
+4. **Convert** (`--parts convert`): `otterhd data convert --format llava` of a generated LLaVA JSON array
+   (`--convert-records`, default 50k and 200k; 1 in 16 text-only) whose images are local JPEG files (a pool of
+   `--convert-pool` distinct 448x336 files, referenced in turn), one process each, no Ray: records/s by wall
+   clock and per CPU-second, and the child's peak RSS (targets: >= 2,000 samples/s, <= 1 GB at any size).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otterhd_ray.config import BucketConfig, DataConfig  # noqa: E402
-from otterhd_ray.data.buckets import BucketPolicy, sample_rng  # noqa: E402
+from otterhd_ray.data.buckets import BucketPolicy, epoch_uniforms  # noqa: E402
 from otterhd_ray.data.images import decode_image  # noqa: E402
 from otterhd_ray.data.processor import FuyuProcessor, patchify, resize_image  # noqa: E402
 from otterhd_ray.data.synth import draw_scene  # noqa: E402
@@ -73,6 +80,7 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
     tokens = 0
     n = 0
     for p in range(passes):
+        draws = epoch_uniforms(0, p, len(jpegs))  # pass p draws as the pipeline's epoch p would
         for i, data in enumerate(jpegs):
             from otterhd_ray.data.images import image_size
 
@@ -81,7 +89,7 @@ def per_core(jpegs: list[bytes], proc: FuyuProcessor, policy: BucketPolicy | Non
                 s = 1020 / max(h, w)
                 size = (round(h * s / PATCH_SIZE) * PATCH_SIZE, round(w * s / PATCH_SIZE) * PATCH_SIZE)
             else:
-                size = policy.choose_size((h, w), sample_rng(0, p, i))
+                size = policy.size_for((h, w), float(draws[i]))
             t0 = clock()
             image = decode_image(data, MAX_PIXELS, draft_target=size if draft else None)
             t1 = clock()
@@ -156,7 +164,7 @@ def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
     # `rows` once (the tail of the epoch weighs a lot at this size), and 10 passes over them (each repeat draws
     # its own bucket, so lengths differ): closer to a real epoch of thousands of micro-batches.
     for num_samples in (-1, 10 * rows):
-        for mode in ("random", "seed"):
+        for mode in ("random", "otterhd"):
             for max_tokens in (8192, 16384):
                 for buffer in (32, 256):
                     spec = {"name": "syn", "path": str(work / "syn" / "train"), "num_samples": num_samples}
@@ -169,13 +177,70 @@ def packing_table(rows: int, tok_dir: str, work: Path) -> list[tuple]:
     return out
 
 
+def write_llava_json(path: Path, n: int, pool: int) -> None:
+    """A LLaVA JSON array of `n` records written as a stream (the benchmark input never sits in memory)."""
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(n):
+            q = f"<image>\nWhat colour is the shape number {i}?" if i % 16 else f"Say hello #{i}."
+            record = {"id": f"rec-{i:07d}", "conversations": [{"from": "human", "value": q},
+                                                             {"from": "gpt", "value": "It is red, as drawn."}]}
+            if i % 16:
+                record["image"] = f"images/{i % pool:05d}.jpg"
+            f.write(("," if i else "") + json.dumps(record) + "\n")
+        f.write("]\n")
+
+
+_CONVERT_CHILD = """
+import json, sys, time
+from otterhd_ray.data.formats import ConvertRequest, convert
+t0, c0 = time.perf_counter(), time.process_time()
+stats = convert(ConvertRequest("llava", [sys.argv[1]], sys.argv[2]), say=lambda _l: None)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so it would report the (torch-laden) parent's.
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"samples": stats.num_samples, "rejected": stats.num_rejected, "wall": time.perf_counter() - t0,
+                  "cpu": time.process_time() - c0, "rss_kb": hwm}))
+"""
+
+
+def convert_table(sizes: list[int], pool: int, work: Path) -> None:
+    folder = work / "convert"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    kb = 0
+    for i in range(pool):
+        image = draw_scene(random.Random(f"conv-{i}"), "colour", long_min=448, long_max=448).image.resize((448, 336))
+        data = io.BytesIO()
+        image.save(data, format="JPEG", quality=90)
+        (folder / "images" / f"{i:05d}.jpg").write_bytes(data.getvalue())
+        kb += len(data.getvalue()) / 1024
+    print(f"\n| LLaVA records | JSON MB | accepted | samples/s (wall) | samples per CPU-second | peak RSS MB |  "
+          f"(JPEG pool {pool} x {kb / pool:.0f} KB, load average {os.getloadavg()[0]:.1f})")
+    print("|---|---|---|---|---|---|")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for n in sizes:
+        src, out = folder / f"llava_{n}.json", folder / f"out_{n}"
+        write_llava_json(src, n, pool)
+        proc = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, str(src), str(out)], env=env,
+                              capture_output=True, text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        total = r["samples"] + r["rejected"]
+        print(f"| {n:,} | {src.stat().st_size / 2**20:.0f} | {r['samples']:,} | {total / r['wall']:,.0f} | "
+              f"{total / r['cpu']:,.0f} | {r['rss_kb'] / 1024:.0f} |")
+        shutil.rmtree(out, ignore_errors=True)
+        src.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--pack-rows", type=int, default=800)
     ap.add_argument("--pipeline-samples", type=int, default=384)
-    ap.add_argument("--parts", default="core,pipeline,packing", help="comma list of: core, pipeline, packing")
+    ap.add_argument("--parts", default="core,pipeline,packing",
+                    help="comma list of: core, pipeline, packing, convert")
+    ap.add_argument("--convert-records", default="50000,200000", help="comma list of LLaVA JSON sizes")
+    ap.add_argument("--convert-pool", type=int, default=1000, help="distinct JPEG files the records point at")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--wall", action="store_true", help="time stages by wall clock instead of CPU time")
     args = ap.parse_args()
@@ -194,16 +259,20 @@ def main() -> None:
           f"python {platform.python_version()}, date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"command: python benchmarks/data_throughput.py {' '.join(sys.argv[1:])}")
     print(f"load average {os.getloadavg()[0]:.1f}; stage times are {'wall' if args.wall else 'CPU'} ms per sample\n")
+    parts = set(args.parts.split(","))
+    if "convert" in parts:
+        convert_table([int(x) for x in args.convert_records.split(",")], args.convert_pool, work)
+        if parts == {"convert"}:
+            return
     print("| JPEGs (long side 1024) | buckets | draft | decode ms | resize ms | patchify ms | tokenize ms "
           "| total ms | samples/s/core | tokens/sample |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     policies = [
         ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), True),
         ("random (448-1024+native)", BucketPolicy(BucketConfig(mode="random")), False),
-        ("seed squares 448/512/768", BucketPolicy(BucketConfig(mode="seed")), True),
+        ("otterhd squares 448/512/768", BucketPolicy(BucketConfig(mode="otterhd")), True),
         ("all at 1020 px", None, True),
     ]
-    parts = set(args.parts.split(","))
     for noisy in (False, True) if "core" in parts else ():
         jpegs = make_jpegs(args.images, noisy)
         kb = sum(map(len, jpegs)) / len(jpegs) / 1024

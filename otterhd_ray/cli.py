@@ -1,11 +1,16 @@
 """The `otterhd` command.
 
     otterhd data synth --out DIR [--train N] [--bench M] [--seed S] [--bad K]
-    otterhd data convert --instructions X.json --images Y.parquet --out DIR
+    otterhd data convert --format llava|sharegpt|alpaca|hf|cauldron|mimicit|auto INPUT... --out DIR
+                         [--image-root DIR] [--dataset-info dataset_info.json --dataset NAME] [--ray]
+    otterhd data convert --instructions X.json --images Y.parquet --out DIR      (MIMIC-IT)
+    otterhd data validate --format ... INPUT...                                   (same report, writes nothing)
     otterhd data stats --config FILE [key.path=value ...]
     otterhd finetune --config FILE [key.path=value ...]
     otterhd export CHECKPOINT OUT_DIR [--merge | --adapter-only]
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
+    otterhd serve --model DIR [--adapter DIR] [--replicas N] [--gpus-per-replica G] [--port P]
+    otterhd chat --model DIR [--image FILE]
     otterhd demo [--workdir DIR]
 
 Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
@@ -33,26 +38,65 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from otterhd_ray.data.shards import convert_mimicit
+    from otterhd_ray.data.formats import ConvertRequest, convert
 
-    stats = convert_mimicit(
-        args.instructions,
-        args.images,
-        args.out,
-        source=args.source,
+    validate = args.data_command == "validate"
+    inputs = list(args.inputs)
+    fmt = args.format or ("mimicit" if args.instructions else "auto")
+    if args.instructions:
+        inputs = [args.instructions, *inputs]
+    req = ConvertRequest(
+        format=fmt, inputs=inputs, out_dir=None if validate else args.out, image_root=args.image_root,
+        dataset_info=args.dataset_info, dataset=args.dataset, source=args.source, use_ray=args.ray,
+        overwrite=getattr(args, "overwrite", False), progress=not args.no_progress,
+        max_pixels=args.max_image_pixels, images=args.images, train_config=args.train_config,
         group_related=args.group_related,
-        train_config=args.train_config,
-        overwrite=args.overwrite,
     )
+    stats = convert(req, say=lambda line: print(line, file=sys.stderr))
     print(stats)
+    if stats.bad_files:
+        print(f"otterhd: {len(stats.bad_files)} input file(s) could not be read (named above)", file=sys.stderr)
+        return 1
+    if stats.num_samples == 0:
+        print("otterhd: no usable samples (reasons above)", file=sys.stderr)
+        return 1
     return 0
+
+
+# == otterhd_ray.data.formats.FORMATS (a test checks); literal here so `otterhd --help` imports nothing heavy
+_FORMATS = ("llava", "sharegpt", "alpaca", "hf", "cauldron", "mimicit", "auto")
+
+
+def _add_convert_args(p: argparse.ArgumentParser, validate: bool) -> None:
+    p.add_argument("inputs", nargs="*", help="input files or directories (JSON / JSONL / parquet)")
+    p.add_argument("--format", choices=_FORMATS, default=None,
+                   help="input format (default: auto, or mimicit with --instructions)")
+    if not validate:
+        p.add_argument("--out", required=True, help="shard directory to write")
+        p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    p.add_argument("--image-root", default=None,
+                   help="where relative image paths resolve (default: the input file's / dataset_info's dir)")
+    p.add_argument("--dataset-info", default=None, help="LLaMA-Factory dataset_info.json (with --dataset)")
+    p.add_argument("--dataset", default=None, help="entry of --dataset-info to convert")
+    p.add_argument("--source", default=None, help="dataset name stored in each row (default: file stem)")
+    p.add_argument("--ray", action="store_true", help="convert in parallel on Ray Data (files / chunks)")
+    p.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                   help="refuse larger images (image_too_large); match data.max_image_pixels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("MIMIC-IT")
+    g.add_argument("--instructions", default=None, help="MIMIC-IT instructions JSON (implies --format mimicit)")
+    g.add_argument("--images", default=None, help="images parquet (base64 column) or legacy id->base64 JSON")
+    g.add_argument("--train-config", default=None, help="Otter train config JSON (ins id -> related ids)")
+    g.add_argument("--group-related", action="store_true", help="rel_ins_ids become one multi-turn sample")
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from otterhd_ray.config import load_finetune_config
+    from otterhd_ray.data.checks import check_data
     from otterhd_ray.data.pipeline import run_pipeline_stats
 
     cfg = load_finetune_config(args.config, args.overrides)
+    cfg.data, _ = check_data(cfg.data, None)  # a corrupt / wrong-schema shard: one line naming it
     run_pipeline_stats(cfg, world_size=args.world_size)
     return 0
 
@@ -85,6 +129,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from otterhd_ray.serve.cli import serve_main
+
+    return serve_main(args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from otterhd_ray.serve.cli import chat_command
+
+    return chat_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otterhd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,14 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad", type=int, default=0, help="inject this many bad rows (to exercise rejects)")
     p.set_defaults(func=_cmd_synth)
 
-    p = data.add_parser("convert", help="MIMIC-IT/Otter instruction JSON + images -> Parquet shards")
-    p.add_argument("--instructions", required=True)
-    p.add_argument("--images", required=True, help="images parquet (base64 column) or legacy id->base64 JSON")
-    p.add_argument("--out", required=True)
-    p.add_argument("--source", default=None, help="dataset name stored in each row (default: file stem)")
-    p.add_argument("--train-config", default=None, help="Otter train config JSON (ins id -> related ids)")
-    p.add_argument("--group-related", action="store_true", help="rel_ins_ids become one multi-turn sample")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    p = data.add_parser("convert", help="LLaVA / sharegpt / alpaca / HF parquet / the_cauldron / MIMIC-IT -> shards")
+    _add_convert_args(p, validate=False)
+    p.set_defaults(func=_cmd_convert)
+
+    p = data.add_parser("validate", help="the conversion report (accepted, rejected by reason), writing nothing")
+    _add_convert_args(p, validate=True)
     p.set_defaults(func=_cmd_convert)
 
     p = data.add_parser("stats", help="run the input pipeline once and print bucket/packing/reject stats")
@@ -128,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    from otterhd_ray.serve.cli import add_chat_args, add_serve_args
+
+    p = sub.add_parser("serve", help="OpenAI-compatible Ray Serve app (+ web page at /)")
+    add_serve_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive terminal chat with a local model (no Serve)")
+    add_chat_args(p)
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
     p.add_argument("--workdir", default="demo_output")

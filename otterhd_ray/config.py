@@ -7,6 +7,7 @@ the file it came from. Configs are YAML files (``configs/``) plus dotted command
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,22 +32,44 @@ class DatasetSpec(Strict):
     num_samples: int = Field(
         -1, description="-1: every sample once; larger than the dataset: repeats; smaller: fixed-seed subsample."
     )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Files of `path` to leave out; the driver adds unreadable ones when data.on_bad_file is skip.",
+    )
 
 
 class BucketConfig(Strict):
     """Resolution buckets: the long side an image is resized to (aspect ratio kept)."""
 
-    mode: Literal["random", "nearest", "seed"] = Field(
+    mode: Literal["random", "nearest", "otterhd"] = Field(
         "random",
         description="random: seeded choice per sample; nearest: bucket closest to the native size; "
-        "seed: OtterHD's one random square of `seed_sizes` per batch (aspect ratio lost).",
+        "otterhd: OtterHD's one random square of `otterhd_sizes` per batch (aspect ratio lost).",
     )
     long_sides: list[int] = Field(default_factory=lambda: [448, 512, 768, 1024])
     native: bool = Field(True, description="Also offer the native size, capped at `native_max_hw`.")
     native_max_hw: tuple[int, int] | None = Field(
         None, description="Cap (height, width) on every size; null: HF's FuyuImageProcessor box (models/fuyu/inputs.py)."
     )
-    seed_sizes: list[int] = Field(default_factory=lambda: [448, 512, 768])
+    otterhd_sizes: list[int] = Field(default_factory=lambda: [448, 512, 768])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_from_seed(cls, raw: Any) -> Any:
+        """`mode: seed` / `seed_sizes` (named after the original OtterHD code, easily read as the RNG seed
+        `data.seed`) still load, with a warning, so configs written before the rename keep working."""
+        if not isinstance(raw, dict):
+            return raw
+        raw, log = dict(raw), logging.getLogger(__name__)
+        if raw.get("mode") == "seed":
+            log.warning("config key data.buckets.mode: 'seed' is deprecated; write 'otterhd'")
+            raw["mode"] = "otterhd"
+        if "seed_sizes" in raw:
+            if "otterhd_sizes" in raw:
+                raise ValueError("data.buckets: give otterhd_sizes only (seed_sizes is its deprecated name)")
+            log.warning("config key data.buckets.seed_sizes is deprecated; write data.buckets.otterhd_sizes")
+            raw["otterhd_sizes"] = raw.pop("seed_sizes")
+        return raw
 
 
 class DataConfig(Strict):
@@ -69,6 +92,11 @@ class DataConfig(Strict):
     packing_buffer_size: int = Field(256, gt=0, description="Samples the packer buffers per bucket group.")
     shuffle_window: int = Field(1024, gt=0, description="Rows shuffled together after the row-group shuffle.")
     draft_decode: bool = Field(True, description="JPEG draft (DCT-scaled) decode when the bucket is small.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="A corrupt or wrong-schema shard file: error = refuse to start naming it; skip = leave it out "
+        "and count it (checked on the driver before any worker starts).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from otterhd_ray.data.shards import convert_mimicit
+from otterhd_ray.data.formats.mimicit import convert_mimicit
 from otterhd_ray.data.synth import BENCH_FILE, synthesize, write_mimicit
 
 

@@ -1,40 +1,41 @@
 """Resolution buckets and token-budget packing.
 
-**Buckets.** `BucketPolicy.choose_size(native_hw, rng)` picks the (height, width) an image is resized into:
+**Buckets.** `BucketPolicy.size_for(native_hw, u)` picks the (height, width) an image is resized into:
 
 - ``random``: a seeded choice among ``long_sides`` (plus the native size when ``native`` is on), aspect ratio kept.
   Sides larger than the image's own long side are not offered (enlarging adds tokens, not information); an image
   smaller than every side keeps its native size, or, with ``native`` off, gets the smallest side.
 - ``nearest``: the long side closest to the native one, enlarging if that is closer (with ``native`` on that is
   the native size itself, capped — the mode is meant for ``native: false``).
-- ``seed``: OtterHD's ``--dynamic_resolution``: a random square of ``seed_sizes`` (aspect ratio lost). The seed drew
-  one square per batch; we draw one per sample and the packer only puts samples of one bucket into a micro-batch,
-  so every micro-batch still has one square size and each sample's size has the seed's distribution.
+- ``otterhd``: OtterHD's ``--dynamic_resolution``: a random square of ``otterhd_sizes`` (aspect ratio lost). The
+  OtterHD code drew one square per batch; we draw one per sample and the packer only puts samples of one bucket
+  into a micro-batch, so every micro-batch still has one square size and each sample's size has OtterHD's
+  distribution. (The mode was called ``seed``; that still loads, with a warning. ``data.seed`` is the RNG seed.)
 
-Every size is capped to ``native_max_hw`` (HF's 1080×1920 box, aspect kept) and, outside ``seed`` mode, rounded to
-a multiple of 30: Fuyu cuts 30×30 patches and HF pads the last row/column of patches, so a side of 1024 would pay
+Every size is capped to ``native_max_hw`` (HF's 1080×1920 box, aspect kept) and, outside ``otterhd`` mode, rounded
+to a multiple of 30: Fuyu cuts 30×30 patches and HF pads the last row/column of patches, so a side of 1024 would pay
 for 1050 pixels of which 26 are padding; 1020 is one patch row (or column) fewer and pads nothing. The
-aspect ratio moves by at most 15 px per side. ``seed`` mode keeps 448/512/768 exactly, as the seed did.
+aspect ratio moves by at most 15 px per side. ``otterhd`` mode keeps 448/512/768 exactly, as OtterHD did.
 
-Choices are deterministic: the pipeline draws sample i's size from value i of `epoch_uniforms(seed, epoch, n)`
-(`sample_rng(seed, epoch, i)` gives a per-sample generator for other callers), so a sample's size never depends
-on which worker processed it or in which order.
+Choices are deterministic: the pipeline draws sample i's size from value i of `epoch_uniforms(seed, epoch, n)`,
+so a sample's size never depends on which worker processed it or in which order.
 
-**Packing.** `pack(samples, max_tokens)` turns processed samples (docs/internals.md "Processed sample") into packed
-micro-batches ("Packed micro-batch") with no padding. `StreamingPacker` keeps a bounded buffer per bucket group;
-once a group holds `lookahead` (default 4) budgets' worth of tokens, or `buffer_size` samples (the memory cap,
-applied once at least one budget is buffered), it emits one micro-batch: the longest buffered sample, then
-repeatedly the longest one that still fits (greedy first-fit-decreasing over the window). Waiting for several
-budgets' worth matters: a buffer holding less than one budget can only emit an under-filled micro-batch. A sample
-longer than the budget is rejected with reason ``too_long`` — never truncated. The same packer runs on bare
-lengths for the pipeline's epoch plan (`plan_packs`), so the plan and `pack` agree.
+**Packing.** `plan_packs(lengths, keys, max_tokens)` groups samples into packed micro-batches with no padding, and
+`assemble` concatenates processed samples (docs/internals.md "Processed sample") into one ("Packed micro-batch").
+`StreamingPacker` keeps a bounded buffer per bucket group; once a group holds `lookahead` (default 4) budgets'
+worth of tokens, or `buffer_size` samples (the memory cap, applied once at least one budget is buffered), it emits
+one micro-batch: the longest buffered sample, then repeatedly the longest one that still fits (greedy
+first-fit-decreasing over the window). Waiting for several budgets' worth matters: a buffer holding less than one
+budget can only emit an under-filled micro-batch. A sample longer than the budget is rejected with reason
+``too_long`` — never truncated. The pipeline packs the bare lengths of a whole epoch up front (it knows every
+length exactly before decoding anything).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,6 @@ DEFAULT_LOOKAHEAD = 4.0
 
 
 # ------------------------------------------------------------------------------------------------ buckets
-def sample_rng(seed: int, epoch: int, sample_index: int) -> np.random.Generator:
-    """The generator behind every per-sample random choice: a pure function of (seed, epoch, index)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(sample_index), 0xB0C4])
-
-
 def epoch_uniforms(seed: int, epoch: int, n: int) -> np.ndarray:
     """The uniform draw of every sample of an epoch at once: value i depends only on (seed, epoch, i) —
     a generator's stream does not depend on how much of it is drawn — and costs nanoseconds per sample."""
@@ -78,11 +74,11 @@ class BucketPolicy:
     cfg: BucketConfig
 
     def __post_init__(self) -> None:
-        if not self.cfg.long_sides and not self.cfg.native and self.cfg.mode != "seed":
+        if not self.cfg.long_sides and not self.cfg.native and self.cfg.mode != "otterhd":
             raise ValueError("buckets: long_sides is empty and native is off; no size to choose from")
-        if self.cfg.mode == "seed" and not self.cfg.seed_sizes:
-            raise ValueError("buckets: mode 'seed' needs at least one entry in seed_sizes")
-        if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.seed_sizes, *self.cap_hw]):
+        if self.cfg.mode == "otterhd" and not self.cfg.otterhd_sizes:
+            raise ValueError("buckets: mode 'otterhd' needs at least one entry in otterhd_sizes")
+        if any(s <= 0 for s in [*self.cfg.long_sides, *self.cfg.otterhd_sizes, *self.cap_hw]):
             raise ValueError("buckets: every size must be positive")
 
     @property
@@ -105,17 +101,13 @@ class BucketPolicy:
             sides = [float(min(self.cfg.long_sides))]
         return sides
 
-    def choose_size(self, native_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
-        """Target (h, w) for an image of `native_hw`, drawing one uniform number from `rng`."""
-        return self.size_for(native_hw, float(rng.random()))
-
     def size_for(self, native_hw: tuple[int, int], u: float) -> tuple[int, int]:
         """Target (h, w) given the uniform draw `u` in [0, 1) (ignored by `nearest`)."""
         h, w = int(native_hw[0]), int(native_hw[1])
         if h <= 0 or w <= 0:
             raise ValueError(f"image size must be positive, got {native_hw}")
-        if self.cfg.mode == "seed":
-            sizes = self.cfg.seed_sizes
+        if self.cfg.mode == "otterhd":
+            sizes = self.cfg.otterhd_sizes
             side = int(sizes[min(len(sizes) - 1, int(u * len(sizes)))])
             return side, side
         if self.cfg.mode == "random":
@@ -126,9 +118,9 @@ class BucketPolicy:
         return self._fit((h, w), min(sides, key=lambda s: (abs(s - native_long), s)))
 
     def group_key(self, size_hw: tuple[int, int]) -> Hashable:
-        """Samples sharing a key may share a micro-batch. Only `seed` mode needs one size per micro-batch;
+        """Samples sharing a key may share a micro-batch. Only `otterhd` mode needs one size per micro-batch;
         elsewhere packed varlen attention mixes sizes freely and grouping would only fragment the buffer."""
-        return tuple(size_hw) if self.cfg.mode == "seed" else None
+        return tuple(size_hw) if self.cfg.mode == "otterhd" else None
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -275,49 +267,6 @@ def assemble(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "sample_index": np.asarray([int(s.get("sample_index", -1)) for s in samples], dtype=np.int64),
         "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
     }
-
-
-def pack(
-    samples: Iterable[dict[str, Any]],
-    max_tokens: int,
-    max_samples: int = 0,
-    *,
-    buffer_size: int = DEFAULT_BUFFER_SIZE,
-    group_key: Callable[[dict[str, Any]], Hashable] | None = None,
-    rejects: list[dict[str, Any]] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Stream processed samples into packed micro-batches of at most `max_tokens` tokens, no padding.
-
-    Samples are grouped by `group_key` (default: their `bucket`, so `seed` mode's one size per micro-batch holds;
-    pass `lambda s: None` to mix sizes). A sample longer than `max_tokens` is appended to `rejects` as
-    `{id, source, reason: "too_long", sample_index}`; with `rejects=None` it raises `ValueError` instead of being
-    dropped silently. Samples without `sample_index` get their arrival position.
-    """
-    key_fn = group_key or (lambda s: tuple(np.asarray(s["bucket"]).tolist()))
-    packer = StreamingPacker(max_tokens, max_samples, buffer_size)
-    for pos, sample in enumerate(samples):
-        if "sample_index" not in sample:
-            sample = {**sample, "sample_index": pos}
-        n = int(sample.get("num_tokens", len(sample["input_ids"])))
-        for group in packer.add(key_fn(sample), n, sample):
-            yield assemble(sorted(group, key=lambda s: s["sample_index"]))
-        _drain_rejected(packer, rejects)
-    for group in packer.flush():
-        yield assemble(sorted(group, key=lambda s: s["sample_index"]))
-
-
-def _drain_rejected(packer: StreamingPacker, rejects: list[dict[str, Any]] | None) -> None:
-    while packer.rejected:
-        s = packer.rejected.pop(0)
-        n = int(s.get("num_tokens", len(s["input_ids"])))
-        if rejects is None:
-            raise ValueError(
-                f"sample {s.get('id')!r} has {n} tokens > max_tokens={packer.max_tokens}; "
-                "pass rejects=[] to collect such samples instead"
-            )
-        rejects.append(
-            {"id": s.get("id"), "source": s.get("source"), "reason": TOO_LONG, "sample_index": s["sample_index"]}
-        )
 
 
 def collate_to_torch(mb: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ pipeline may turn it on for buckets much smaller than the source.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -56,7 +57,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as err:
-        raise BadSample("image_too_large", str(err)) from None
+        # Pillow's own guard (2x its global limit) fired first; say *our* limit, as the header check below does.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{found.group(1)} pixels" if found else "more pixels than Pillow allows"
+        raise BadSample("image_too_large", f"{pixels} > limit {max_pixels}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadSample("undecodable_image", f"{type(err).__name__}: {err}") from None
     width, height = image.size

@@ -79,10 +79,6 @@ class EpochPlan:
     def __len__(self) -> int:
         return len(self.file)
 
-    def source_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.dataset, minlength=len(self.datasets))
-        return {name: int(c) for name, c in zip(self.datasets, counts, strict=True)}
-
 
 def read_layout(path: str, dataset: int) -> FileLayout:
     fs, inner, _ = resolve_filesystem(path)
@@ -106,6 +102,51 @@ def _select_rows(num_rows: int, num_samples: int, seed: int, dataset: int) -> li
     return passes
 
 
+# chunk = (file index, row group, repeat, rows within the row group)
+_Chunk = tuple[int, int, int, np.ndarray]
+
+
+def _dataset_chunks(spec: DatasetSpec, ds_index: int, ds_files: Sequence[FileLayout], file_base: int,
+                    seed: int) -> list[_Chunk]:
+    """The chunks of one dataset's selected rows; `file_base` is its first file's index in the plan."""
+    starts = np.cumsum([0] + [f.num_rows for f in ds_files])
+    total = int(starts[-1])
+    if total == 0 and spec.num_samples != 0:
+        raise ValueError(f"dataset {spec.name!r} ({spec.path}) has no rows")
+    chunks: list[_Chunk] = []
+    for repeat, rows in enumerate(_select_rows(total, spec.num_samples, seed, ds_index)):
+        # `rows` is sorted: binary searches split it by file and row group in O(files + row groups).
+        file_cuts = np.searchsorted(rows, starts)
+        for f_local, f in enumerate(ds_files):
+            in_file = rows[file_cuts[f_local] : file_cuts[f_local + 1]] - starts[f_local]
+            offsets = f.row_group_offsets()
+            rg_cuts = np.searchsorted(in_file, offsets)
+            for rg in range(len(f.row_group_rows)):
+                sel = in_file[rg_cuts[rg] : rg_cuts[rg + 1]] - offsets[rg]
+                if len(sel):
+                    chunks.append((file_base + f_local, rg, repeat, sel.astype(np.int32)))
+    return chunks
+
+
+def _shuffled_rows(chunks: list[_Chunk], rng: np.random.Generator, shuffle_window: int) -> dict[str, np.ndarray]:
+    """file / row_group / row / repeat per sample: chunks in a random order, then rows shuffled per window."""
+    order = rng.permutation(len(chunks))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("file", "row_group", "row", "repeat")}
+    for ci in order:
+        f, rg, repeat, rows = chunks[ci]
+        parts["file"].append(np.full(len(rows), f, np.int32))
+        parts["row_group"].append(np.full(len(rows), rg, np.int32))
+        parts["row"].append(rows)
+        parts["repeat"].append(np.full(len(rows), repeat, np.int32))
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in parts.items()}
+    n = len(cat["file"])
+    perm = np.arange(n)
+    for start in range(0, n, shuffle_window):
+        stop = min(n, start + shuffle_window)
+        perm[start:stop] = start + rng.permutation(stop - start)
+    return {k: v[perm] for k, v in cat.items()}
+
+
 def plan_epoch(
     datasets: Sequence[DatasetSpec],
     seed: int,
@@ -122,62 +163,26 @@ def plan_epoch(
     if len(set(names)) != len(names):
         raise ValueError(f"dataset names in the mix must be unique, got {names}")
     if layouts is None:
-        layouts = [[read_layout(p, i) for p in list_shard_files(d.path)] for i, d in enumerate(datasets)]
+        layouts = [[read_layout(p, i) for p in list_shard_files(d.path, d.exclude)] for i, d in enumerate(datasets)]
     files: list[FileLayout] = [f for group in layouts for f in group]
-
-    # chunk = (file index, row group, repeat, rows within the row group)
-    chunks: list[tuple[int, int, int, np.ndarray]] = []
-    file_base = 0
-    for ds_index, (spec, ds_files) in enumerate(zip(datasets, layouts, strict=True)):
-        starts = np.cumsum([0] + [f.num_rows for f in ds_files])
-        total = int(starts[-1])
-        if total == 0 and spec.num_samples != 0:
-            raise ValueError(f"dataset {spec.name!r} ({spec.path}) has no rows")
-        for repeat, rows in enumerate(_select_rows(total, spec.num_samples, seed, ds_index)):
-            # `rows` is sorted: binary searches split it by file and row group in O(files + row groups).
-            file_cuts = np.searchsorted(rows, starts)
-            for f_local, f in enumerate(ds_files):
-                in_file = rows[file_cuts[f_local] : file_cuts[f_local + 1]] - starts[f_local]
-                offsets = f.row_group_offsets()
-                rg_cuts = np.searchsorted(in_file, offsets)
-                for rg in range(len(f.row_group_rows)):
-                    sel = in_file[rg_cuts[rg] : rg_cuts[rg + 1]] - offsets[rg]
-                    if len(sel):
-                        chunks.append((file_base + f_local, rg, repeat, sel.astype(np.int32)))
-        file_base += len(ds_files)
-
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
-    order = rng.permutation(len(chunks))
-    parts = {k: [] for k in ("file", "row_group", "row", "repeat")}
-    for ci in order:
-        f, rg, repeat, rows = chunks[ci]
-        parts["file"].append(np.full(len(rows), f, np.int32))
-        parts["row_group"].append(np.full(len(rows), rg, np.int32))
-        parts["row"].append(rows)
-        parts["repeat"].append(np.full(len(rows), repeat, np.int32))
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int32)) for k, v in parts.items()}
-    n = len(cat["file"])
-    perm = np.arange(n)
-    for start in range(0, n, shuffle_window):
-        stop = min(n, start + shuffle_window)
-        perm[start:stop] = start + rng.permutation(stop - start)
-    file_idx = cat["file"][perm]
-    rg = cat["row_group"][perm]
-    row = cat["row"][perm]
+    file_base = np.cumsum([0] + [len(group) for group in layouts])
+    chunks = [c for i, (spec, group) in enumerate(zip(datasets, layouts, strict=True))
+              for c in _dataset_chunks(spec, i, group, int(file_base[i]), seed)]
+    cols = _shuffled_rows(chunks, np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)]), shuffle_window)
     # Vectorised (file, row group) -> first row of the group in its file, through one flat offsets table.
     flat_offsets = np.concatenate([f.row_group_offsets() for f in files]) if files else np.zeros(1, np.int64)
     group_base = np.cumsum([0] + [len(f.row_group_rows) + 1 for f in files])[:-1].astype(np.int64)
-    file_row = flat_offsets[group_base[file_idx] + rg] + row
+    file_row = flat_offsets[group_base[cols["file"]] + cols["row_group"]] + cols["row"]
     file_dataset = np.array([f.dataset for f in files], np.int32)
     return EpochPlan(
         epoch=int(epoch),
         seed=int(seed),
         datasets=tuple(names),
         files=tuple(files),
-        dataset=file_dataset[file_idx],
-        file=file_idx,
-        row_group=rg,
-        row=row,
+        dataset=file_dataset[cols["file"]],
+        file=cols["file"],
+        row_group=cols["row_group"],
+        row=cols["row"],
         file_row=file_row,
-        repeat=cat["repeat"][perm],
+        repeat=cols["repeat"],
     )

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from otterhd_ray.config import SEED_TRAIN_TEMPLATE
+from otterhd_ray.data.conversation import validate_conversation
 from otterhd_ray.data.images import BadSample
 from otterhd_ray.data.tokenizer import BOA_TOKEN, FuyuTokens, fuyu_tokens
 from otterhd_ray.models.fuyu.inputs import HF_IMAGE_BOX_HW, IGNORE_INDEX, PATCH_DIM, PATCH_SIZE
@@ -206,49 +207,23 @@ class FuyuProcessor:
 
     def encode_conversation(
         self,
-        image: Image.Image,
+        image: Image.Image | None,
         conversations: Sequence[dict[str, Any]],
         size: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Training: image once, then per turn `template(instruction) <0x04>` ` {answer}` end; labels on answers + end.
 
+        `image=None`: a text-only sample (no patches; the token layout starts at `<s>`).
+
         `conversations` alternates `{"role": "user", "text": ...}` and `{"role": "assistant", "text": ...}`,
         starting with the user and ending with the assistant. Anything else raises `BadSample`.
         """
         turn_ids, turn_labels = self.encode_turns(conversations)
-        patches_PC, grid, bucket = self._image_part(image, size)
+        if image is None:  # text-only sample: no image rows, `<s>` then the turns (HF's text-only layout)
+            patches_PC = np.zeros((0, PATCH_DIM), np.uint8)
+            grid, bucket = np.zeros(2, np.int32), np.zeros(2, np.int32)
+        else:
+            patches_PC, grid, bucket = self._image_part(image, size)
         ids = image_token_ids((int(grid[0]), int(grid[1])), self.tokens)
         labels = [IGNORE_INDEX] * len(ids) + turn_labels
         return self._sample(ids + turn_ids, labels, patches_PC, grid, bucket)
-
-
-def validate_conversation(conversations: Any) -> list[tuple[str, str]]:
-    """Check a conversation and return its (instruction, answer) pairs; `BadSample` with a reason code if bad.
-
-    Reasons: `empty_conversation`, `bad_turn` (not a mapping), `bad_role` (role not user/assistant),
-    `missing_text` (absent, not a string, or blank), `bad_turn_order` (not user/assistant alternating from the
-    user), `no_assistant_turn`, `unanswered_turn` (ends with a user turn).
-    """
-    if conversations is None or isinstance(conversations, (str, bytes)) or len(conversations) == 0:
-        raise BadSample("empty_conversation", "no turns")
-    turns: list[tuple[str, str]] = []
-    for index, turn in enumerate(conversations):
-        if not hasattr(turn, "get"):
-            raise BadSample("bad_turn", f"turn {index} is a {type(turn).__name__}, not a mapping")
-        role, text = turn.get("role"), turn.get("text")
-        if role not in ("user", "assistant"):
-            raise BadSample("bad_role", f"turn {index} has role {role!r}")
-        if not isinstance(text, str) or not text.strip():
-            raise BadSample("missing_text", f"turn {index} ({role}) has no text")
-        expected = "user" if index % 2 == 0 else "assistant"
-        if role != expected:
-            if not any(t.get("role") == "assistant" for t in conversations if hasattr(t, "get")):
-                raise BadSample("no_assistant_turn", "conversation has no assistant turn")
-            raise BadSample("bad_turn_order", f"turn {index} is {role!r}, expected {expected!r}")
-        if role == "assistant":
-            turns.append((conversations[index - 1]["text"], text))
-    if not turns:
-        raise BadSample("no_assistant_turn", "conversation has no assistant turn")
-    if len(conversations) % 2 == 1:
-        raise BadSample("unanswered_turn", "conversation ends with a user turn")
-    return turns

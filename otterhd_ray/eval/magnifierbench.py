@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from otterhd_ray.data.shards import open_parquet_named
 from otterhd_ray.eval.config import BenchDatasetSpec
 
 # An option marker: the letter, a dot and a space, at the start of the options or after ", ".
@@ -153,7 +152,7 @@ def _parquet_files(path: Path, split: str) -> list[Path]:
 def _rows_from_parquet(files: list[Path]) -> Iterator[dict[str, Any]]:
     # Row group at a time: a benchmark with large images is never held twice in memory.
     for f in files:
-        reader = pq.ParquetFile(f)
+        reader = open_parquet_named(f)  # a corrupt file: one line naming it, not an ArrowInvalid traceback
         for i in range(reader.num_row_groups):
             yield from reader.read_row_group(i).to_pylist()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from otterhd_ray.config import FinetuneConfig
+from otterhd_ray.data.checks import preflight
 
 logger = logging.getLogger("otterhd_ray.train")
 
@@ -131,6 +132,7 @@ def run_finetune(cfg: FinetuneConfig, loop_extras: dict[str, Any] | None = None)
     if cfg.train.demo_data:
         prepare_demo_data(cfg)
     check_inputs(cfg)
+    cfg = preflight(cfg, world_size=max(cfg.ray.num_workers, 1))  # bad files / no usable rows: one line, now
     loop_config = {"config": cfg.model_dump(mode="json"), "run_id": f"{cfg.ray.name}", **(loop_extras or {})}
     started = time.perf_counter()
     if cfg.ray.num_workers == 0:

@@ -1,6 +1,6 @@
 """The input pipeline end to end: synthetic shards with every kind of bad row -> per-rank packed micro-batches.
 
-Checks the contracts of otterhd_ray/data/pipeline.py: every good sample in exactly one micro-batch of one rank,
+Checks the contracts of otterhd_ray/data/pipeline/: every good sample in exactly one micro-batch of one rank,
 the same number of micro-batches on every rank, bad rows in the rejects table with their reason (and nothing else
 lost), deterministic reshuffle per epoch, exact resume, and Ray Data giving the same batches as the in-process path.
 """
@@ -21,8 +21,8 @@ from otterhd_ray.data.pipeline import (
     PipelineStats,
     build_train_iterator,
     format_stats,
-    prepare_index,
     read_rejects,
+    read_units,
     schedule_epoch,
 )
 from otterhd_ray.data.shards import SHARD_SCHEMA
@@ -176,13 +176,12 @@ def test_resume_continues_exactly(data_dir, tmp_path, tiny_tokenizer_dir):
 
 
 def test_each_row_group_is_read_about_once(data_dir, tmp_path, tiny_tokenizer_dir):
-    from otterhd_ray.data import pipeline
-
-    pipeline.row_group_reads.clear()
-    pipeline._row_group_cache.clear()
     cfg = _cfg(data_dir, tmp_path, preprocess_batch_size=2)  # many small units spread over the row groups
-    _run(cfg, tiny_tokenizer_dir, world=1)
-    assert pipeline.row_group_reads and max(pipeline.row_group_reads.values()) == 1
+    it = build_train_iterator(cfg, tiny_tokenizer_dir, 0, 1, 0, use_ray=False)
+    assert len(list(it)) == it.num_micro_batches
+    reads = it.row_group_cache.reads  # the iterator owns its cache: nothing shared between iterators
+    assert reads and max(reads.values()) == 1
+    assert sum(reads.values()) < len(read_units(it.schedule, 0, 2))  # fewer reads than units
 
 
 def test_epochs_reshuffle_deterministically(data_dir, tmp_path, tiny_tokenizer_dir):
@@ -204,8 +203,8 @@ def test_many_ranks_get_fillers_and_equal_counts(data_dir, tmp_path, tiny_tokeni
     assert all(mb["patches"].shape == (1, 2700) and len(mb["input_ids"]) == 3 for mb in fillers)
 
 
-def test_seed_mode_one_square_per_micro_batch(data_dir, tmp_path, tiny_tokenizer_dir):
-    cfg = _cfg(data_dir, tmp_path, buckets=BucketConfig(mode="seed"))
+def test_otterhd_mode_one_square_per_micro_batch(data_dir, tmp_path, tiny_tokenizer_dir):
+    cfg = _cfg(data_dir, tmp_path, buckets=BucketConfig(mode="otterhd"))
     _, per_rank, stats = _run(cfg, tiny_tokenizer_dir, world=1)
     image_id = fuyu_tokens(load_tokenizer(tiny_tokenizer_dir)).image
     for mb in per_rank[0]:
@@ -237,9 +236,9 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
         it = build_train_iterator(cfg, tiny_tokenizer_dir, 0, 2, 0, schedule=schedule, use_ray=True)
         remote = list(it)
         from_worker, used_ray = ray.get(ray.remote(num_cpus=0.5)(in_worker).remote(1), timeout=180)
-        # the driver-side index warm-up builds missing files' indexes in Ray tasks
+        # with Ray up, a schedule builds the missing files' indexes in Ray tasks
         fresh = cfg.model_copy(update={"index_cache_dir": str(tmp_path / "fresh-index")})
-        num_indexed = prepare_index(fresh, tiny_tokenizer_dir)
+        fresh_schedule = schedule_epoch(fresh, tiny_tokenizer_dir, 0, 2)
     finally:
         ray.shutdown()
     assert len(remote) == len(local)
@@ -248,6 +247,7 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
             assert torch.equal(a[key], b[key]), key
     assert isinstance(it.stats, PipelineStats) and it.stats.num_samples > 0
     assert used_ray and from_worker == local_rank1
-    assert num_indexed == sum(pq.ParquetFile(f).metadata.num_rows
-                              for sub in ("syn/train", "extra") for f in (data_dir / sub).glob("*.parquet"))
+    assert len(fresh_schedule.plan) == sum(pq.ParquetFile(f).metadata.num_rows
+                                           for sub in ("syn/train", "extra") for f in (data_dir / sub).glob("*.parquet"))
     assert len(list((tmp_path / "fresh-index").glob("*.parquet"))) == 3
+    assert [mb.tolist() for mb in fresh_schedule.micro_batches] == [mb.tolist() for mb in schedule.micro_batches]

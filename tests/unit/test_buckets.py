@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from otterhd_ray.config import BucketConfig
+from otterhd_ray.config import BucketConfig, ConfigError, load_finetune_config
 from otterhd_ray.data.buckets import (
     BucketPolicy,
     StreamingPacker,
@@ -16,10 +16,8 @@ from otterhd_ray.data.buckets import (
     collate_to_torch,
     epoch_uniforms,
     num_image_tokens,
-    pack,
     packing_efficiency,
     plan_packs,
-    sample_rng,
 )
 from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_DIM
 
@@ -31,9 +29,10 @@ def _policy(**kw) -> BucketPolicy:
 # ------------------------------------------------------------------------------------------------ buckets
 def test_random_mode_keeps_aspect_rounds_to_30_and_never_enlarges():
     policy = _policy(mode="random")
-    for i, native in enumerate([(3000, 4000), (1080, 1920), (600, 200), (2000, 2000), (90, 4000)]):
-        for k in range(20):
-            h, w = policy.choose_size(native, sample_rng(0, k, i))
+    natives = [(3000, 4000), (1080, 1920), (600, 200), (2000, 2000), (90, 4000)]
+    for k in range(20):
+        for native, u in zip(natives, epoch_uniforms(0, k, len(natives)), strict=True):
+            h, w = policy.size_for(native, float(u))
             assert h % 30 == 0 and w % 30 == 0 and h >= 30 and w >= 30
             assert h <= 1080 and w <= 1920
             assert max(h, w) <= max(native) + 15  # no enlargement beyond rounding
@@ -44,55 +43,80 @@ def test_random_mode_keeps_aspect_rounds_to_30_and_never_enlarges():
 
 def test_random_mode_draws_every_allowed_long_side():
     policy = _policy(mode="random", long_sides=[448, 512, 768, 1024], native=True)
-    seen = {max(policy.choose_size((1500, 1000), sample_rng(3, 0, i))) for i in range(200)}
+    seen = {max(policy.size_for((1500, 1000), float(u))) for u in epoch_uniforms(3, 0, 200)}
     # 448->450, 512->510, 768->780, 1024->1020, native 1500 capped by the 1080 height -> 1080
     assert seen == {450, 510, 780, 1020, 1080}
+    # u in [0, 1) splits evenly over the candidates: the ends pick the first and the last
+    assert max(policy.size_for((1500, 1000), 0.0)) == 450 and max(policy.size_for((1500, 1000), 0.999)) == 1080
 
 
 def test_choice_is_a_pure_function_of_seed_epoch_index():
     policy = _policy(mode="random")
-    a = [policy.choose_size((1200, 900), sample_rng(7, 2, i)) for i in range(50)]
-    b = [policy.choose_size((1200, 900), sample_rng(7, 2, i)) for i in range(50)]
-    c = [policy.choose_size((1200, 900), sample_rng(7, 3, i)) for i in range(50)]
+    a, b, c = ([policy.size_for((1200, 900), float(u)) for u in epoch_uniforms(7, e, 50)] for e in (2, 2, 3))
     assert a == b and a != c
 
 
-def test_epoch_uniforms_are_per_index_and_size_for_agrees_with_choose_size():
+def test_epoch_uniforms_are_per_index():
     u = epoch_uniforms(5, 1, 1000)
     assert np.array_equal(u[:10], epoch_uniforms(5, 1, 10))  # value i does not depend on the epoch's size
     assert not np.array_equal(u[:10], epoch_uniforms(5, 2, 10))
-    policy = _policy(mode="random")
-    rng = np.random.default_rng(3)
-    expected = policy.size_for((1200, 900), float(np.random.default_rng(3).random()))
-    assert policy.choose_size((1200, 900), rng) == expected
+    assert not np.array_equal(u[:10], epoch_uniforms(6, 1, 10))
+    assert ((u >= 0) & (u < 1)).all()
 
 
 def test_small_image_gets_native_or_smallest_side():
-    assert _policy(mode="random").choose_size((100, 200), sample_rng(0, 0, 0)) == (90, 210)
-    assert _policy(mode="random", native=False).choose_size((100, 200), sample_rng(0, 0, 0)) == (210, 450)
+    for u in (0.0, 0.5, 0.99):
+        assert _policy(mode="random").size_for((100, 200), u) == (90, 210)
+        assert _policy(mode="random", native=False).size_for((100, 200), u) == (210, 450)
 
 
 def test_nearest_mode():
     policy = _policy(mode="nearest", native=False, long_sides=[448, 768, 1024])
-    assert policy.choose_size((500, 250), sample_rng(0, 0, 0)) == (450, 210)  # 500 -> 448
-    assert policy.choose_size((700, 350), sample_rng(0, 0, 0)) == (780, 390)  # 700 -> 768 (closer, enlarged)
-    assert policy.choose_size((1900, 950), sample_rng(0, 0, 0)) == (1020, 510)  # 1900 -> 1024
-    assert _policy(mode="nearest").choose_size((4000, 3000), sample_rng(0, 0, 0)) == (1080, 810)  # native cap
+    assert policy.size_for((500, 250), 0.5) == (450, 210)  # 500 -> 448
+    assert policy.size_for((700, 350), 0.5) == (780, 390)  # 700 -> 768 (closer, enlarged)
+    assert policy.size_for((1900, 950), 0.5) == (1020, 510)  # 1900 -> 1024
+    assert _policy(mode="nearest").size_for((4000, 3000), 0.5) == (1080, 810)  # native cap
+    assert policy.size_for((500, 250), 0.0) == policy.size_for((500, 250), 0.99)  # the draw is ignored
 
 
-def test_seed_mode_is_one_random_square():
-    policy = _policy(mode="seed")
-    sizes = {policy.choose_size((1000, 300), sample_rng(0, 0, i)) for i in range(100)}
+def test_otterhd_mode_is_one_random_square():
+    policy = _policy(mode="otterhd")
+    sizes = {policy.size_for((1000, 300), float(u)) for u in epoch_uniforms(0, 0, 100)}
     assert sizes == {(448, 448), (512, 512), (768, 768)}
     assert policy.group_key((448, 448)) != policy.group_key((512, 512))
     assert _policy(mode="random").group_key((450, 300)) == _policy(mode="random").group_key((90, 210))
+    assert _policy(mode="otterhd", otterhd_sizes=[600]).size_for((10, 20), 0.7) == (600, 600)
+
+
+def test_old_seed_spelling_loads_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  buckets:\n    mode: seed\n    seed_sizes: [448, 512]\n  seed: 3\n")
+    with caplog.at_level("WARNING", logger="otterhd_ray.config"):
+        cfg = load_finetune_config(old)
+    assert cfg.data.buckets.mode == "otterhd" and cfg.data.buckets.otterhd_sizes == [448, 512]
+    assert cfg.data.seed == 3  # data.seed is the RNG seed and keeps its name
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 2, notes
+    assert "data.buckets.mode" in notes[0] and "'otterhd'" in notes[0]
+    assert "data.buckets.seed_sizes" in notes[1] and "otterhd_sizes" in notes[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="otterhd_ray.config"):
+        new = load_finetune_config(None, ["data.buckets.mode=otterhd", "data.buckets.otterhd_sizes=[448,512]"])
+    assert new.data.buckets == cfg.data.buckets and not caplog.records
+    assert load_finetune_config(None, ["data.buckets.mode=seed"]).data.buckets.mode == "otterhd"
+    with pytest.raises(ConfigError, match="otterhd_sizes only"):
+        load_finetune_config(None, ["data.buckets.seed_sizes=[448]", "data.buckets.otterhd_sizes=[512]"])
+    with pytest.raises(ConfigError, match="data.buckets.mode"):
+        load_finetune_config(None, ["data.buckets.mode=squares"])
 
 
 def test_bad_bucket_config_is_a_value_error():
     with pytest.raises(ValueError, match="no size"):
         _policy(mode="random", long_sides=[], native=False)
+    with pytest.raises(ValueError, match="otterhd_sizes"):
+        _policy(mode="otterhd", otterhd_sizes=[])
     with pytest.raises(ValueError):
-        _policy(mode="random").choose_size((0, 10), sample_rng(0, 0, 0))
+        _policy(mode="random").size_for((0, 10), 0.5)
 
 
 def test_num_image_tokens_matches_the_processor(tiny_tokenizer_dir):
@@ -187,19 +211,23 @@ def test_assemble_shifts_targets_per_sample_and_restarts_positions():
     assert t["patches"].dtype == torch.uint8 and t["max_seqlen"] == 5
 
 
-def test_pack_stream_groups_by_bucket_and_collects_too_long():
+def test_planned_packs_assemble_one_bucket_per_micro_batch_within_budget():
+    # The pipeline's path: plan_packs on lengths with otterhd-mode keys (the bucket), then assemble each bin.
     samples = [_sample(40, 1, [39], i, bucket=(30 * (1 + i % 2), 30)) for i in range(20)]
     samples.append(_sample(500, 1, [0], 99))
-    rejects: list[dict] = []
-    mbs = list(pack(samples, max_tokens=200, buffer_size=4, rejects=rejects))
-    assert rejects == [{"id": "s99", "source": "t", "reason": "too_long", "sample_index": 99}]
+    policy = _policy(mode="otterhd")
+    keys = [policy.group_key(tuple(s["bucket"].tolist())) for s in samples]
+    bins, too_long = plan_packs([int(s["num_tokens"]) for s in samples], keys, 200, buffer_size=4)
+    assert too_long == [20]  # the 500-token sample: rejected, never truncated
+    mbs = [assemble([samples[i] for i in b]) for b in bins]
     seen = sorted(i for mb in mbs for i in mb["sample_index"].tolist())
     assert seen == list(range(20))
     for mb in mbs:
         assert len(mb["input_ids"]) <= 200
         assert len({int(i) % 2 for i in mb["sample_index"]}) == 1  # one bucket per micro-batch
-    with pytest.raises(ValueError, match="too_long|max_tokens"):
-        list(pack([_sample(500, 1, [0], 0)], max_tokens=200))
+        assert mb["sample_index"].tolist() == sorted(mb["sample_index"].tolist())  # epoch order kept
+    with pytest.raises(ValueError, match="no samples"):
+        assemble([])
 
 
 def test_small_buffer_never_emits_underfilled_micro_batches_mid_stream():

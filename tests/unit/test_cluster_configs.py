@@ -319,7 +319,10 @@ def _literal_secret_values(node: Any, trail: str = "") -> list[str]:
         for key, value in node.items():
             where = f"{trail}.{key}"
             if isinstance(key, str) and _SECRET_NAME.search(key) and isinstance(value, str):
-                if value.strip() and not value.startswith("${") and value != "~/.ray/auth_token":
+                # `api_key_env: OTTERHD_API_KEY` names the variable that holds the key: a reference, not a value.
+                names_a_variable = key.endswith("_env") and re.fullmatch(r"[A-Z_][A-Z0-9_]*", value)
+                if value.strip() and not value.startswith("${") and value != "~/.ray/auth_token" \
+                        and not names_a_variable:
                     found.append(where)
             found += _literal_secret_values(value, where)
     elif isinstance(node, list):
@@ -344,5 +347,7 @@ def test_secret_scanners_catch_what_they_claim():
     assert _SECRET_SHAPES["AWS access key id"].search("AKIA" + "ABCDEFGHIJKLMNOP")
     assert _literal_secret_values({"judge": {"api_key": fake}}) == [".judge.api_key"]
     assert _literal_secret_values({"api_key": None, "datasets": [{"api_key": ["You GPT-4 API"]}]}) == []
+    assert _literal_secret_values({"args": {"api_key_env": "OTTERHD_API_KEY"}}) == []
+    assert _literal_secret_values({"args": {"api_key_env": fake}}) == [".args.api_key_env"]
     assert _SECRET_NAME.search("RAY_AUTH_TOKEN") and _SECRET_NAME.search("WANDB_API_KEY")
     assert not _SECRET_NAME.search("TOKENIZERS_PARALLELISM")

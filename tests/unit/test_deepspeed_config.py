@@ -76,7 +76,8 @@ def test_otterhd_8b_config_expresses_the_seed_command():
     assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
         1e-5, "linear", 0.01, 0.1)
     assert cfg.optim.grad_clip == 1.0
-    assert cfg.data.buckets.mode == "seed" and cfg.data.buckets.seed_sizes == [448, 512, 768]  # --dynamic_resolution
+    # --dynamic_resolution
+    assert cfg.data.buckets.mode == "otterhd" and cfg.data.buckets.otterhd_sizes == [448, 512, 768]
     assert cfg.train.save_hf_model  # --save_hf_model
     assert cfg.ray.name == "OtterHD_Tester" and cfg.wandb.run_name == "OtterHD_Tester"  # --run_name
     assert (cfg.wandb.enabled, cfg.wandb.project, cfg.wandb.entity) == (True, "Fuyu", "ntu-slab")

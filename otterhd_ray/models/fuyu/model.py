@@ -235,6 +235,10 @@ class FuyuForCausalLM(nn.Module):
             pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
             patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens), self.training)
             x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
+        elif torch.is_grad_enabled():
+            # A micro-batch of text-only samples: run the patch projection on zero rows (adds exactly 0) so its
+            # parameters still get a (zero) gradient and every rank's DDP/ZeRO reductions match.
+            x_TD = x_TD + self.vision_embed_tokens(x_TD.new_zeros(0, self.config.patch_dim)).sum()
         return x_TD
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
