@@ -63,9 +63,11 @@ def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     ])
 
 
-def _run(cfg: FinetuneConfig, root: Path, resume_from=None, **extras) -> LocalContext:
+def _run(cfg: FinetuneConfig, root: Path, resume_from=None, stop_after_step: int | None = None) -> LocalContext:
     ctx = LocalContext(root, resume_from=resume_from)
-    train_loop_per_worker({"config": cfg.model_dump(mode="json"), **extras}, ctx)
+    cfg = cfg.model_copy(deep=True)
+    cfg.faults.stop_after_step = stop_after_step
+    train_loop_per_worker({"config": cfg.model_dump(mode="json")}, ctx)
     return ctx
 
 
@@ -195,28 +197,30 @@ def test_continued_training_from_an_adapter_peft_made(data_dir, tmp_path):
 @pytest.mark.slow
 def test_killed_ray_worker_with_lora_recovers(data_dir, tmp_path):
     ray = pytest.importorskip("ray")
-    from otterhd_ray.train.trainer import run_finetune
+    from otterhd_ray.finetune import finetune
 
     if not ray.is_initialized():
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     try:
         cfg = _cfg(data_dir, tmp_path, "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=1",
                    f"ray.storage_path={tmp_path / 'ray'}", "ray.name=lora-kill", "train.checkpoint_every_steps=2",
-                   "train.save_hf_model=true", "data.preprocess_batch_size=4")
-        marker = tmp_path / "killed.txt"
-        result = run_finetune(cfg, loop_extras={"fail_at_step": 3, "fail_rank": 1, "fail_marker": str(marker)})
+                   "train.save_hf_model=true", "data.preprocess_batch_size=4", "faults.fail_at_step=3",
+                   "faults.fail_rank=1", f"faults.fail_marker={tmp_path / 'killed.txt'}")
+        outcome = finetune(cfg)
     finally:
         ray.shutdown()
-    assert marker.is_file() and result.checkpoint is not None
+    assert (tmp_path / "killed.txt").is_file() and outcome.result.checkpoint is not None
     history = _history(tmp_path)
     assert any(h["resumed_from_step"] == 2 for h in history)
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert outcome.hf_dir == tmp_path / "hf" and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert outcome.adapter_dir == tmp_path / "adapter"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_demo_lora_config_trains_in_process_and_exports_both(tmp_path):
-    """configs/finetune/demo_lora.yaml as committed (paths moved to tmp; in process, one epoch, for time)."""
-    from otterhd_ray.train.trainer import run_finetune
+    """configs/finetune/demo_lora.yaml as committed (paths moved to tmp; in process, one epoch, for time), through
+    the driver-side whole (`finetune`: demo data, train, export merged + adapter)."""
+    from otterhd_ray.finetune import finetune
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_finetune_config(root / "configs/finetune/demo_lora.yaml", [
@@ -226,6 +230,7 @@ def test_demo_lora_config_trains_in_process_and_exports_both(tmp_path):
         f"train.output_dir={tmp_path / 'out'}", "ray.num_workers=0", "train.epochs=1",
     ])
     assert cfg.lora.enabled and "lm_head" in cfg.lora.targets
-    run_finetune(cfg)
-    assert (tmp_path / "out" / "hf" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    outcome = finetune(cfg)
+    assert outcome.hf_dir == tmp_path / "out" / "hf" and (outcome.hf_dir / "model.safetensors").is_file()
+    assert outcome.adapter_dir == tmp_path / "out" / "adapter"
+    assert (outcome.adapter_dir / "adapter_config.json").is_file()

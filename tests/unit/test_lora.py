@@ -17,11 +17,10 @@ from otterhd_ray.models.fuyu.lora import (
     adapter_state_dict,
     adapters,
     add_lora,
-    apply_lora_config,
     merge,
     unmerge,
 )
-from otterhd_ray.models.fuyu.peft import load_peft_adapter, save_peft_adapter
+from otterhd_ray.models.fuyu.peft import apply_lora_config, load_peft_adapter, save_peft_adapter
 from otterhd_ray.train.schedule import param_groups
 
 CFG = flavour_config("debug")

@@ -76,17 +76,6 @@ def spec_from(lora_cfg: Any) -> LoraSpec:
                     targets=tuple(t for t in TARGETS if t in lora_cfg.targets), rslora=lora_cfg.rslora)
 
 
-def apply_lora_config(model: nn.Module, lora_cfg: Any) -> nn.Module:
-    """Fresh adapters per `lora_cfg`, or the PEFT adapter of `lora_cfg.init_from` (checked against it)."""
-    spec = spec_from(lora_cfg)
-    if lora_cfg.init_from:
-        from otterhd_ray.models.fuyu.peft import load_peft_adapter
-
-        load_peft_adapter(model, lora_cfg.init_from, expect=spec)
-        return model
-    return add_lora(model, spec)
-
-
 class LoraAdapter(nn.Module):
     """The two factors of one adapted linear layer; `merged` marks that B·A·scale sits in the base weight."""
 

@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from otterhd_ray.models.fuyu.hf import key_map
-from otterhd_ray.models.fuyu.lora import TARGETS, LoraSpec, adapters, add_lora, has_lora, target_modules
+from otterhd_ray.models.fuyu.lora import (
+    TARGETS,
+    LoraSpec,
+    adapters,
+    add_lora,
+    has_lora,
+    spec_from,
+    target_modules,
+)
 
 logger = logging.getLogger("otterhd_ray.models.fuyu.peft")
 
@@ -200,3 +208,13 @@ def _expected_shapes(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, .
         shapes[f"{module}.lora_A.weight"] = (spec.r, linear.in_features)
         shapes[f"{module}.lora_B.weight"] = (linear.out_features, spec.r)
     return shapes
+
+
+def apply_lora_config(model: nn.Module, lora_cfg: Any) -> nn.Module:
+    """Fresh adapters per `lora_cfg` (`otterhd_ray.config.LoraConfig`), or the PEFT adapter of
+    `lora_cfg.init_from` (checked against it). Here, not in lora.py: lora.py does not import this module."""
+    spec = spec_from(lora_cfg)
+    if lora_cfg.init_from:
+        load_peft_adapter(model, lora_cfg.init_from, expect=spec)
+        return model
+    return add_lora(model, spec)
