@@ -23,6 +23,20 @@ def test_benchmark_yaml_takes_adapter_path():
     assert [m.adapter_path for m in cfg.models] == ["/adapter", None]
 
 
+def test_adapter_gets_its_own_run_dir_and_fingerprint():
+    from otterhd_ray.eval.pipeline import run_fingerprint
+
+    cfg = BenchmarkConfig.model_validate({
+        "datasets": [{"name": "magnifierbench", "data_path": "x"}],
+        "models": [{"name": "otterhd", "model_path": "/m/base"},
+                   {"name": "otterhd", "model_path": "/m/base", "adapter_path": "/runs/lora/adapter/"}],
+    })
+    base, tuned = cfg.models
+    assert (base.display_name, tuned.display_name) == ("otterhd:base", "otterhd:base+adapter")
+    ds = cfg.datasets[0]
+    assert run_fingerprint(base, ds, 16) != run_fingerprint(tuned, ds, 16)
+
+
 def test_predictor_loads_base_plus_adapter_merged(tiny_tokenizer_dir, tmp_path):
     from otterhd_ray.data.tokenizer import load_tokenizer
     from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
