@@ -64,16 +64,27 @@ def rotary_cos_sin(
 
 
 class Projection(NamedTuple):
-    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them."""
+    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them, with the
+    factors of its LoRA adapter when it has one (models/fuyu/lora.py; `lora_A` None: no adapter or merged)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    lora_A: torch.Tensor | None = None  # [R, in]
+    lora_B: torch.Tensor | None = None  # [out, R]
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0  # applied to the adapter's input while training only
 
 
-def project(x: torch.Tensor, p: Projection) -> torch.Tensor:
+def project(x: torch.Tensor, p: Projection, training: bool = False) -> torch.Tensor:
     """Every projection of the model is computed here (the QKV, dense and MLP matmuls inside the glue, the patch
-    embedding and the LM head outside it): the one place where a low-rank adapter adds its update."""
-    return F.linear(x, p.weight, p.bias)
+    embedding and the LM head outside it): the one place where a low-rank adapter adds its update,
+    x W^T + b + (dropout(x) A^T) B^T * scale, as two thin matmuls (W + B A scale is never materialised)."""
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora_A is None:
+        return y
+    if p.lora_dropout > 0.0 and training:
+        x = F.dropout(x, p.lora_dropout, training=True)
+    return y + F.linear(F.linear(x, p.lora_A), p.lora_B) * p.lora_scale
 
 
 @dataclass
@@ -92,6 +103,7 @@ class LayerWeights:
     ln2_b: torch.Tensor
     up: Projection
     down: Projection
+    training: bool = False  # adapter dropout is active only while training
 
 
 def attn_in(
@@ -104,7 +116,7 @@ def attn_in(
     norm: Callable = layer_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
-    qkv = project(h_TD, w.qkv)
+    qkv = project(h_TD, w.qkv, w.training)
     # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
     qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
     q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
@@ -120,9 +132,9 @@ def attn_in(
 def attn_out(
     x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
 ) -> torch.Tensor:
-    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense)
+    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense, w.training)
     h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
-    return x_TD + project(relu2(project(h_TD, w.up)), w.down)
+    return x_TD + project(relu2(project(h_TD, w.up, w.training)), w.down, w.training)
 
 
 # ------------------------------------------------------------------------------------------------ modes

@@ -113,7 +113,8 @@ def tensors_of(w):
     """Every tensor of a LayerWeights (projections flattened)."""
     out = []
     for value in vars(w).values():
-        out += [t for t in value if t is not None] if isinstance(value, tuple) else [value] if value is not None else []
+        items = value if isinstance(value, tuple) else (value,)  # projections also carry LoRA scale/dropout floats
+        out += [t for t in items if isinstance(t, torch.Tensor)]
     return out
 
 

@@ -32,6 +32,7 @@ from otterhd_ray.models.fuyu.attention import LayerAttention, PackedAttention
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.models.fuyu.generate import Prompts, generate
 from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, normalize_patches
+from otterhd_ray.models.fuyu.lora import head_operands
 from otterhd_ray.ops.attention import resolve_attention
 from otterhd_ray.ops.fused import (
     FusedOps,
@@ -52,7 +53,10 @@ def projection(linear: nn.Linear) -> Projection:
     lm_head), read at every forward and computed by `ops.fused.project`. This pair is where an adapter attaches:
     a LoRA layer hands its low-rank factors over here and `project` adds the update inside the (compiled) glue,
     without merging them into the weight."""
-    return Projection(linear.weight, linear.bias)
+    adapter = getattr(linear, "lora", None)
+    if adapter is None or adapter.merged:
+        return Projection(linear.weight, linear.bias)
+    return Projection(linear.weight, linear.bias, adapter.A, adapter.B, adapter.scale, adapter.dropout)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -100,6 +104,7 @@ class FuyuDecoderLayer(nn.Module):
             ln2_b=self.post_attention_layernorm.bias,
             up=projection(m.dense_h_to_4h),
             down=projection(m.dense_4h_to_h),
+            training=self.training,
         )
 
 
@@ -228,7 +233,7 @@ class FuyuForCausalLM(nn.Module):
                 raise ValueError(f"patches must be [P, {self.config.patch_dim}], got {tuple(patches_PC.shape)}")
             # uint8 patches are raw pixels (the batch contract); float patches are taken as already normalised.
             pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
-            patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens))
+            patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens), self.training)
             x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
         elif torch.is_grad_enabled():
             # A micro-batch of text-only samples: run the patch projection on zero rows (adds exactly 0) so its
@@ -305,7 +310,7 @@ class FuyuForCausalLM(nn.Module):
         return self.final_norm(self.decoder(x_TD, cos_TR, sin_TR, attention))
 
     def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
-        return project(hidden_ND, projection(self.lm_head))
+        return project(hidden_ND, projection(self.lm_head), self.training)
 
     def next_token_logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, V] from the last layer's output (before the final norm) at B positions."""
@@ -328,11 +333,10 @@ class FuyuForCausalLM(nn.Module):
         num = int(num)
         # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
         rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
-        # The chunked loss takes the head's weight alone: an adapter on lm_head would have to extend it too.
-        head = projection(self.lm_head)
+        # The chunked loss takes one weight: an adapter on lm_head joins it as extra columns (lora.head_operands).
+        h_ND, head_VD = head_operands(hidden_TD.index_select(0, rows_N), projection(self.lm_head), self.training)
         loss_sum = linear_cross_entropy(
-            hidden_TD.index_select(0, rows_N), head.weight, targets_T.index_select(0, rows_N), self.loss_chunk_size,
-            ignore_index=IGNORE_INDEX,
+            h_ND, head_VD, targets_T.index_select(0, rows_N), self.loss_chunk_size, ignore_index=IGNORE_INDEX
         )
         return loss_sum, num
 
