@@ -11,7 +11,7 @@ import torch
 from otterhd_ray.config import load_finetune_config
 from otterhd_ray.models.fuyu import flavour_config, new_model
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker
-from tests.helpers import pack, sample
+from tests.helpers import micro_batch, sample
 
 CFG = flavour_config("debug")
 
@@ -22,9 +22,8 @@ class FixedSource:
     def __init__(self) -> None:
         self.batches = []
         for i in range(2):
-            batch = pack([sample(CFG, 2, 3, 8, seed=2 * i), sample(CFG, 1, 2, 6, seed=2 * i + 1, num_targets=4)])
-            batch["sample_index"] = torch.tensor([2 * i, 2 * i + 1])
-            self.batches.append(batch)
+            samples = [sample(CFG, 2, 3, 8, seed=2 * i), sample(CFG, 1, 2, 6, seed=2 * i + 1, num_targets=4)]
+            self.batches.append(micro_batch(samples, first_index=2 * i, position=i))
 
     def num_micro_batches(self, epoch: int) -> int:
         return len(self.batches)
