@@ -53,7 +53,7 @@ def test_text_only_samples_go_through_the_pipeline(converted, tmp_path):
     text_only = next(mb for mb in batches if mb.sample_id == ("ok-text-only",))
     assert text_only.packed.patches.shape == (0, 2700) and text_only.packed.num_target_tokens > 0
     model = new_model(flavour_config("debug"), attention="eager")
-    loss_sum, n = model.loss(text_only)
+    loss_sum, n = model.loss(text_only.packed)
     loss_sum.backward()
     assert torch.isfinite(loss_sum) and n > 0
     grad = model.vision_embed_tokens.weight.grad  # touched with a zero gradient, so ranks' reductions match

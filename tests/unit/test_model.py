@@ -206,3 +206,23 @@ def test_importing_the_model_package_loads_torch_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "['torch']", out.stdout + out.stderr
+
+
+def test_packed_batch_checks_shapes_moves_and_pickles(model):
+    import pickle
+
+    batch = pack(SAMPLES)
+    assert batch.num_tokens == int(batch.cu_seqlens[-1]) and batch.num_samples == len(SAMPLES)
+    with pytest.raises(ValueError, match="target_ids"):
+        dataclasses.replace(batch, target_ids=batch.target_ids[:-1])
+    with pytest.raises(ValueError, match="input_ids"):
+        dataclasses.replace(batch, input_ids=batch.input_ids[None], target_ids=batch.target_ids[None])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        batch.max_seqlen = 1
+    moved = batch.to("meta")
+    assert moved.input_ids.device.type == "meta" and moved.num_target_tokens == batch.num_target_tokens
+    again = pickle.loads(pickle.dumps(batch))
+    assert all(torch.equal(getattr(again, f.name), getattr(batch, f.name))
+               for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor))
+    with pytest.raises(TypeError, match="PackedBatch"):
+        model.loss(dataclasses.asdict(batch))

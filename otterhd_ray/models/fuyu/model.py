@@ -317,6 +317,9 @@ class FuyuForCausalLM(nn.Module):
 
         Only the supervised rows reach the LM head, in chunks of `loss_chunk_size`: the [T, V] logits never exist.
         """
+        if not isinstance(batch, PackedBatch):  # a dict of the old contract, or the data layer's MicroBatch
+            raise TypeError(f"loss takes a PackedBatch (models/fuyu/inputs.py), got {type(batch).__name__}; "
+                            "a data-pipeline MicroBatch carries it as `.packed`")
         hidden_TD = self(batch.input_ids, batch.patches, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         targets_T = batch.target_ids
         supervised_T = targets_T != IGNORE_INDEX
