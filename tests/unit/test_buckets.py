@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -211,6 +213,10 @@ def test_assemble_shifts_targets_per_sample_and_restarts_positions():
     assert full.sample_index.tolist() == [1, 2] and full.sample_id == ("s1", "s2") and not full.is_filler
     assert (full.epoch, full.position, full.num_samples) == (3, 7, 2)
     assert torch.equal(full.packed.input_ids, mb.input_ids)
+    with pytest.raises(ValueError, match="sample ids"):
+        dataclasses.replace(full, sample_id=("s1",))
+    filler = dataclasses.replace(full, sample_index=torch.zeros(0, dtype=torch.int64), sample_id=())
+    assert filler.is_filler and filler.num_samples == 0
 
 
 def test_planned_packs_assemble_one_bucket_per_micro_batch_within_budget():
