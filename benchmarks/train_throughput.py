@@ -160,7 +160,8 @@ def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, device: torc
 
 
 def packed_batches(
-    samples: list[Sample], max_tokens: int, device: torch.device, group: int | None = None
+    samples: list[Sample], max_tokens: int, device: torch.device, group: int | None = None,
+    cfg: FuyuModelConfig | None = None,
 ) -> list[dict]:
     """Greedy in-order packing into rows of <= max_tokens (the docs/internals.md micro-batch); with `group`,
     exactly `group` consecutive samples per row instead (the seed workload's batches)."""
@@ -194,9 +195,21 @@ def packed_batches(
                 "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
                 "real_tokens": sum(lengths),
                 "samples": len(group),
+                "useful_flops": useful_flops(cfg, group) if cfg is not None else float("nan"),
             }
         )
     return out
+
+
+def fixed_cost_fit(step_ms: list[float], step_flops: list[float], peak: float) -> dict:
+    """Least-squares `step ms = fixed + flops / (marginal MFU x peak)` over the timed steps: what every micro-batch
+    costs regardless of its size (vocabulary-sized gradient work, host syncs, launch latency) vs. the rate of the
+    size-dependent part. Issue 11 item 7 measured 8.6 ms fixed and 78 % marginal on the seed workload."""
+    if len(step_ms) < 3 or peak != peak or len(set(step_flops)) < 2:
+        return {}
+    a = np.stack([np.ones(len(step_ms)), np.asarray(step_flops) / 1e12], axis=1)
+    (fixed, ms_per_tflop), *_ = np.linalg.lstsq(a, np.asarray(step_ms), rcond=None)
+    return {"fixed_ms_per_step": round(float(fixed), 2), "marginal_mfu": round(float(1e3 / (peak / 1e12) / ms_per_tflop), 4)}
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -357,7 +370,9 @@ def bench_ours(
         selective_every=args.selective_every, lean_step=lean,
     ).train()
     backend, ops = model.resolve(device)
-    batches = packed_batches(samples, max_tokens, device, args.seed_batch if args.workload == "seed" else None)
+    batches = packed_batches(
+        samples, max_tokens, device, args.seed_batch if args.workload == "seed" else None, cfg=cfg
+    )
 
     def step(b):
         loss_sum, num = model.loss(b)
@@ -375,6 +390,8 @@ def bench_ours(
         if not is_oom(err):
             raise
         result = {"error": "out of memory"}
+    if "step_ms" in result:
+        result["step_flops"] = [b["useful_flops"] for b in batches]
     result.update(
         attention=backend, fused_ops=ops.mode, checkpointing=checkpointing, max_tokens=max_tokens, lean_step=lean
     )
@@ -464,12 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         r["wall_s_incl_warmup_and_compile"] = time.perf_counter() - t0
         if "time_s" in r:
             r["useful_mfu"] = flops / r["time_s"] / peak if peak == peak else float("nan")
+        if r.get("step_flops"):
+            r.update(fixed_cost_fit(r["step_ms"], r.pop("step_flops"), peak))
         results[spec] = r
         log(f"   {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != 'step_ms'})}")
         log(f"   step ms: {r.get('step_ms')}")
 
     base = max((r.get("real_tokens_per_s", 0) for k, r in results.items() if k.startswith("hf_")), default=0)
-    header = f"{'stack':<16}{'batch':>8}{'tokens/s':>11}{'samples/s':>11}{'step s':>9}{'peak GiB':>10}{'pad %':>7}{'MFU %':>7}{'x HF':>7}"
+    header = f"{'stack':<16}{'batch':>8}{'tokens/s':>11}{'samples/s':>11}{'step s':>9}{'peak GiB':>10}{'pad %':>7}{'MFU %':>7}{'x HF':>7}{'fixed ms':>10}{'marg %':>8}"
     log(header)
     for name, r in results.items():
         if "time_s" not in r:
@@ -479,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = r["real_tokens_per_s"] / base if base else float("nan")
         log(f"{name:<16}{batch!s:>8}{r['real_tokens_per_s']:>11.0f}{r['samples_per_s']:>11.2f}{r['step_time_s']:>9.3f}"
             f"{r['peak_mem_gib']:>10.1f}{100 * r['padding_fraction']:>7.1f}{100 * r.get('useful_mfu', float('nan')):>7.1f}"
-            f"{ratio:>7.2f}")
+            f"{ratio:>7.2f}{r.get('fixed_ms_per_step', float('nan')):>10.1f}{100 * r.get('marginal_mfu', float('nan')):>8.1f}")
     if args.out:
         meta = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "command": " ".join(sys.argv), "layers": args.layers, "width": args.width, "workload": args.workload,
