@@ -30,8 +30,7 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
 	    >/dev/null; } || echo "make: could not install chromium + chromium-driver (the browser test needs them)"
 
-test: $(STAMP) browser
-	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
+test: lint browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 gpu-test: $(STAMP)
@@ -39,6 +38,7 @@ gpu-test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check otterhd_ray jobs tests benchmarks scripts
+	$(BIN)/lint-imports  # layering contracts: [tool.importlinter] in pyproject.toml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from otterhd_ray.data.images import decode_image  # noqa: E402
 from otterhd_ray.data.processor import FuyuProcessor  # noqa: E402
 from otterhd_ray.data.tokenizer import build_tiny_tokenizer  # noqa: E402
-from otterhd_ray.eval.magnifierbench import format_for_model, mc_prompt  # noqa: E402
+from otterhd_ray.eval.benchmarks import format_for_model  # noqa: E402
+from otterhd_ray.eval.benchmarks.magnifierbench import mc_prompt  # noqa: E402
 from otterhd_ray.eval.predictor import MAX_IMAGE_PIXELS, Predictor, resize_short_side  # noqa: E402
 from otterhd_ray.models.fuyu import config_for_tokenizer, flavour_config, new_model, normalize_patches  # noqa: E402
 
@@ -76,7 +77,7 @@ def is_oom(err: BaseException) -> bool:
 
 # ------------------------------------------------------------------------------------ transformers side
 def build_hf_model(cfg: Any, dtype: torch.dtype, device: str, attn: str) -> Any:
-    from transformers import FuyuConfig, FuyuForCausalLM  # noqa: PLC0415
+    from transformers import FuyuConfig, FuyuForCausalLM
 
     hf_cfg = FuyuConfig(**cfg.to_hf_dict())
     previous = torch.get_default_dtype()
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = seed_rows[0]["items_per_s"] if seed_rows else None
     text = table(rows, baseline)
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    import transformers  # noqa: PLC0415
+    import transformers
 
     header = (
         f"Eval throughput, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {card}, torch {torch.__version__}, "

@@ -9,6 +9,7 @@
     otterhd finetune --config FILE [key.path=value ...]
     otterhd export CHECKPOINT OUT_DIR
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
+    otterhd evaluate --predictions FILE (--config FILE | --benchmark NAME [--data-path P])
     otterhd serve --model DIR [--adapter DIR] [--replicas N] [--gpus-per-replica G] [--port P]
     otterhd chat --model DIR [--image FILE]
     otterhd demo [--workdir DIR]
@@ -118,7 +119,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from otterhd_ray.evaluate import main as evaluate_main
 
-    argv = ["--config", args.config, *args.overrides]
+    argv = [*args.overrides]
+    for flag in ("config", "predictions", "benchmark", "data_path", "split", "output_dir"):
+        if getattr(args, flag) is not None:
+            argv = [f"--{flag.replace('_', '-')}", getattr(args, flag), *argv]
     return evaluate_main(argv) or 0
 
 
@@ -176,8 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("evaluate", help="MagnifierBench evaluation (the seed's benchmark.yaml runs as is)")
-    _add_config_args(p)
+    from otterhd_ray.evaluate import build_parser as evaluate_parser
+
+    p = sub.add_parser(
+        "evaluate",
+        help="benchmark evaluation (the seed's benchmark.yaml runs as is), or --predictions FILE to score",
+        parents=[evaluate_parser()],
+        add_help=False,
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     from otterhd_ray.serve.cli import add_chat_args, add_serve_args

@@ -163,7 +163,9 @@ class TrainConfig(Strict):
     demo_data: bool = Field(
         False,
         description="Demo only: when data.datasets[0].path (a `<dir>/train` folder) or data.tokenizer_path is "
-        "missing, generate synthetic shards (`otterhd data synth`) and the tiny offline tokenizer there first.",
+        "missing, generate synthetic shards (`otterhd data synth`) and the tiny offline tokenizer there first. "
+        "Done by the entry point (`otterhd finetune`, `jobs/finetune.py`: `otterhd_ray.demo.ensure_demo_data`), "
+        "not by `train.run_finetune`.",
     )
 
 
@@ -177,6 +179,28 @@ class RayConfig(Strict):
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     num_to_keep: int = 2
+
+
+class FaultsConfig(Strict):
+    """Fault injection for the restart and resume tests; every field off by default. A misspelt key is an error
+    like anywhere else, so a test cannot pass because its fault was silently never armed."""
+
+    fail_at_step: int | None = Field(
+        None, gt=0, description="SIGKILL the worker of rank `fail_rank` right after this optimizer step, once."
+    )
+    fail_rank: int = Field(0, ge=0, description="Rank killed by `fail_at_step`.")
+    fail_marker: str | None = Field(
+        None, description="File written just before the kill; its presence stops a restarted worker dying again."
+    )
+    stop_after_step: int | None = Field(
+        None, gt=0, description="Raise `InjectedStop` right after this step is logged and checkpointed."
+    )
+
+    @model_validator(mode="after")
+    def _kill_needs_marker(self) -> FaultsConfig:
+        if self.fail_at_step is not None and not self.fail_marker:
+            raise ValueError("faults.fail_at_step needs faults.fail_marker (the kill happens once, per marker)")
+        return self
 
 
 class WandbConfig(Strict):
@@ -195,6 +219,7 @@ class FinetuneConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Tests only: fault injection.")
 
     @model_validator(mode="after")
     def _tokenizer_defaults_to_model(self) -> FinetuneConfig:

@@ -38,6 +38,36 @@ def _banner(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 100 - len(title)), flush=True)
 
 
+def ensure_tokenizer(tokenizer_dir: str | Path) -> None:
+    """The tiny offline tokenizer (`data/tokenizer.py`) at `tokenizer_dir`, unless one is there already."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from otterhd_ray.data.tokenizer import build_tiny_tokenizer
+
+        build_tiny_tokenizer(tokenizer_dir)
+
+
+def ensure_demo_data(cfg: FinetuneConfig) -> None:
+    """`train.demo_data`: synthesise the shards and the tiny tokenizer the config points at, where missing.
+
+    Called by `otterhd_ray.finetune` (so `jobs/finetune.py --config configs/finetune/demo.yaml` works from a
+    clean clone), with paths already absolute; the trainer itself never generates data.
+    """
+    if not cfg.data.datasets or not cfg.data.tokenizer_path:
+        raise ValueError("train.demo_data needs data.datasets[0].path and data.tokenizer_path")
+    train_dir = Path(cfg.data.datasets[0].path)
+    if train_dir.name != "train":
+        raise ValueError(f"train.demo_data: data.datasets[0].path must end in /train (got {train_dir})")
+    if not train_dir.is_dir() or not any(train_dir.glob("*.parquet")):
+        from otterhd_ray.data.synth import synthesize
+
+        n = cfg.data.datasets[0].num_samples
+        logging.getLogger("otterhd_ray.demo").info(
+            "demo: synthesising %s training samples into %s", n if n > 0 else 64, train_dir
+        )
+        synthesize(train_dir.parent, num_train=n if n > 0 else 64, num_bench=0, seed=cfg.data.seed)
+    ensure_tokenizer(cfg.data.tokenizer_path)
+
+
 def finetune_config(workdir: Path) -> FinetuneConfig:
     cfg = validate_config(FinetuneConfig, _load_with_workdir(FINETUNE_CONFIG, workdir), str(FINETUNE_CONFIG))
     # Use every synthesised row, bad ones included, so the reject accounting is on show.
@@ -49,7 +79,6 @@ def finetune_config(workdir: Path) -> FinetuneConfig:
 def step_data(workdir: Path, cfg: FinetuneConfig) -> None:
     from otterhd_ray.data.pipeline import run_pipeline_stats
     from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
 
     data_dir = workdir / "data"
     if not (data_dir / "train").is_dir():
@@ -57,15 +86,15 @@ def step_data(workdir: Path, cfg: FinetuneConfig) -> None:
         print(f"synthesised: {stats}")
     else:
         print(f"reusing data in {data_dir}")
-    tok_dir = Path(cfg.data.tokenizer_path)
-    if not (tok_dir / "tokenizer.json").is_file():
-        build_tiny_tokenizer(tok_dir)
+    ensure_tokenizer(cfg.data.tokenizer_path)
     run_pipeline_stats(cfg, world_size=cfg.ray.num_workers or 1)
 
 
 def step_finetune(cfg: FinetuneConfig) -> Any:
-    from otterhd_ray.train.trainer import run_finetune
+    """Train only: the export step writes the HF directory the evaluation reads (`workdir/export`)."""
+    from otterhd_ray.train.trainer import resolve_paths, run_finetune
 
+    ensure_demo_data(resolve_paths(cfg))  # `--steps finetune` on a fresh workdir
     result = run_finetune(cfg)
     if getattr(result, "error", None):
         raise RuntimeError(f"fine-tune failed: {result.error}")

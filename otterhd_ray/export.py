@@ -5,7 +5,8 @@ ZeRO shards are consolidated into full fp32 weights with DeepSpeed's own `zero_t
 `model.pt`), rebuilds our model from the saved model shape and writes it with `models/fuyu/hf.py::save_hf`
 (the literal key map). The tokenizer saved in the checkpoint is copied; the processor configs come from it when
 the base model had them, else are written from transformers' Fuyu defaults (1080×1920 box, 30×30 patches).
-`otterhd export CHECKPOINT OUT_DIR` and `train.save_hf_model: true` both call it.
+`otterhd export CHECKPOINT OUT_DIR` and `train.save_hf_model: true` (in `otterhd_ray.finetune`) both call it.
+Export sits above `train/` (it reads train's checkpoints); nothing in `train/` imports it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("otterhd_ray.export")
-
-MODEL_CONFIG_FILE = "model_config.json"  # our FuyuModelConfig as HF keys, written into each checkpoint
 
 
 def _resolve_dtype(dtype: str, checkpoint_dir: Path) -> torch.dtype:
@@ -59,7 +58,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, dtype: st
     from otterhd_ray.models.fuyu.config import FuyuModelConfig
     from otterhd_ray.models.fuyu.hf import save_hf
     from otterhd_ray.models.fuyu.model import new_model
-    from otterhd_ray.train.checkpoint import TOKENIZER_DIR, consolidated_state_dict
+    from otterhd_ray.train.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_DIR, consolidated_state_dict
 
     src = Path(checkpoint_dir)
     if not src.is_dir():

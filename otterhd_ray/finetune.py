@@ -11,9 +11,42 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from otterhd_ray.config import ConfigError, load_finetune_config
+from otterhd_ray.config import ConfigError, FinetuneConfig, load_finetune_config
+
+logger = logging.getLogger("otterhd_ray.finetune")
+
+
+@dataclass
+class FinetuneOutcome:
+    result: Any  # Ray Train's `Result` (`.checkpoint`, `.metrics`, `.error`) or the in-process equivalent
+    hf_dir: Path | None  # the `train.save_hf_model` export, when one was written
+    metrics_history: Path
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
+    """`train.demo_data` (synthesise missing demo inputs), train, then `train.save_hf_model` (export the final
+    checkpoint to `train.output_dir/hf`). Export and demo data live above `train/`, so they run here."""
+    from otterhd_ray.train.trainer import resolve_paths, run_finetune
+
+    cfg = resolve_paths(cfg)
+    if cfg.train.demo_data:
+        from otterhd_ray.demo import ensure_demo_data
+
+        ensure_demo_data(cfg)
+    result = run_finetune(cfg)
+    hf_dir = None
+    if cfg.train.save_hf_model and result.checkpoint is not None:
+        from otterhd_ray.export import export_checkpoint
+
+        hf_dir = Path(cfg.train.output_dir) / "hf"
+        with result.checkpoint.as_directory() as directory:
+            export_checkpoint(directory, hf_dir)
+        logger.info("exported the final checkpoint to %s", hf_dir)
+    return FinetuneOutcome(result, hf_dir, Path(cfg.train.output_dir) / "metrics.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,20 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {err}", file=sys.stderr)
         return 2
 
-    from otterhd_ray.train.trainer import resolve_paths, run_finetune
-
     try:
-        result = run_finetune(cfg)
+        outcome = finetune(cfg)
     except ValueError as err:  # user mistakes found on the driver (paths, sizes): no traceback
         print(f"finetune: {err}", file=sys.stderr)
         return 2
-    resolved = resolve_paths(cfg)
-    hf_dir = Path(resolved.train.output_dir) / "hf"
+    result = outcome.result
     summary = {
         "status": "failed" if result.error else "succeeded",
         "checkpoint": getattr(result.checkpoint, "path", None),
-        "hf_export": str(hf_dir) if resolved.train.save_hf_model and hf_dir.is_dir() else None,
-        "metrics_history": str(Path(resolved.train.output_dir) / "metrics.jsonl"),
+        "hf_export": str(outcome.hf_dir) if outcome.hf_dir else None,
+        "metrics_history": str(outcome.metrics_history),
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float | str)},
     }
     print(json.dumps(summary, default=str))

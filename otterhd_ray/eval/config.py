@@ -2,7 +2,8 @@
 
 The seed's `benchmark.yaml` (OtterHD's `pipeline/benchmarks/evaluate.py`) parses as written:
 
-    datasets: [{name: magnifierbench, split, data_path, prompt, api_key}]
+    datasets: [{name: magnifierbench | mme | pope | mmbench | seedbench | scienceqa | mathvista | mmvet,
+                split, data_path, prompt, api_key, ...}]
     models:   [{name: fuyu | otterhd, model_path, resolution}]
     output:   evaluation.txt          # optional, the seed's log file
 
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from otterhd_ray.config import Strict, load_config
 
@@ -38,21 +39,66 @@ def _key_or_none(value: Any) -> Any:
 
 
 class BenchDatasetSpec(Strict):
-    """One entry of `datasets:` (the seed's MagnifierBench constructor kwargs)."""
+    """One entry of `datasets:` (the seed's dataset constructor kwargs, plus ours).
 
-    name: Literal["magnifierbench"] = "magnifierbench"
-    split: str = "test"
+    `name` picks the benchmark module (`eval/benchmarks/<name>.py`); `data_path`, `split` and `config` default
+    to that benchmark's hub dataset (e.g. mme -> lmms-lab/MME, test)."""
+
+    name: str = Field("magnifierbench", description="A registered benchmark (otterhd_ray/eval/benchmarks).")
+    split: str = Field("", description="Default: the benchmark's (test; mmbench dev; mathvista testmini).")
     data_path: str = Field(
-        "Otter-AI/MagnifierBench",
-        description="Local HF dataset dir / parquet file or dir, or a hub id (needs network and `datasets`).",
+        "",
+        description="Local HF dataset dir / parquet file or dir, or a hub id (needs network and `datasets`); "
+        "default: the benchmark's hub id.",
     )
-    prompt: str = Field("", description="Prepended to the multiple-choice instruction (the seed's `prompt`).")
+    config: str | None = Field(
+        None,
+        description="HF dataset config (mmbench: en, scienceqa: ScienceQA-IMG); a sub-dir of a local copy.",
+    )
+    prompt: str = Field("", description="Prepended to every question (the seed's `prompt`), with a space.")
+    post_prompt: str | None = Field(
+        None, description="Appended to every question; default: the benchmark's (lmms-eval's) suffix."
+    )
     api_key: SecretStr | None = Field(None, description="Judge key; else OPENAI_API_KEY / judge.api_key.")
+    gpt_model: str | None = Field(
+        None, description="The seed's per-dataset judge model; default judge.model."
+    )
     cache_dir: str | None = Field(None, description="HF datasets cache dir (hub ids only).")
     debug: bool = Field(False, description="The seed's flag: log every question and answer.")
     max_items: int = Field(0, ge=0, description="Evaluate only the first N usable items; 0: all.")
+    max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Answer length for this dataset; default: the benchmark's, else max_new_tokens.",
+    )
+    circular: bool = Field(
+        True, description="mmbench: CircularEval (a question counts only if every copy is right)."
+    )
+    quick_extract: bool = Field(
+        False,
+        description="mathvista: take 'The answer is \"X\".' without asking the judge (official option).",
+    )
+    default_output_path: str | None = Field(
+        None,
+        description="The seed's per-dataset log dir; accepted and unused (everything goes to output_dir).",
+    )
 
     _normalise_key = field_validator("api_key", mode="before")(_key_or_none)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark_defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        from otterhd_ray.eval.benchmarks import get_benchmark  # the registry imports this module
+
+        bench = get_benchmark(str(raw.get("name", "magnifierbench")))
+        raw = dict(raw)
+        raw["split"] = raw.get("split") or bench.default_split
+        raw["data_path"] = raw.get("data_path") or bench.hub_id
+        if raw.get("config") is None:
+            raw["config"] = bench.default_config
+        return raw
 
 
 class BenchModelSpec(Strict):
@@ -111,7 +157,9 @@ class JudgeConfig(Strict):
 
 class BenchmarkConfig(Strict):
     datasets: list[BenchDatasetSpec] = Field(min_length=1)
-    models: list[BenchModelSpec] = Field(min_length=1)
+    models: list[BenchModelSpec] = Field(
+        default_factory=list, description="Models to evaluate; none when scoring given predictions."
+    )
     output: str | None = Field(None, description="The seed's log file; the report is also written there.")
     output_dir: str = Field("outputs/eval", description="metrics.json, report.md, per-item predictions.")
     num_actors: int = Field(1, gt=0, description="Predictor actors (one model copy each).")
@@ -120,7 +168,9 @@ class BenchmarkConfig(Strict):
         0.5, gt=0, description="Fractional by default so a small node keeps CPUs for Ray Data reads."
     )
     batch_size: int = Field(8, gt=0, description="Items per predictor call (2 generations each).")
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(
+        64, gt=0, description="Answer length when neither the dataset nor its benchmark sets one."
+    )
     preprocess_threads: int = Field(4, gt=0, description="Threads per actor decoding and resizing images.")
     mc_parse: Literal["strict", "legacy"] = Field(
         "strict", description="strict: letter / 'The answer is X' / exact option; legacy: the seed's parser."

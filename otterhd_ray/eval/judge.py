@@ -7,6 +7,12 @@ client's own retries are disabled (`max_retries=0`) so that the retry policy is 
 honouring `Retry-After` (capped at `backoff_max`). A verdict is cached on disk keyed by (model, prompt) so a
 rerun costs nothing. A judgment that still failed is `unjudged` (reported, never counted wrong).
 
+`ask()` is the engine (any prompt, any reply parser: the MagnifierBench yes/no, MathVista's answer extraction,
+MM-Vet's 0-1 score); `judge()` is the seed's yes/no judgment on top of it. A failure that cannot heal (401 / 403:
+the key; 404: the model or endpoint) stops the judge at the first one: it is logged once, `fatal_error` names the
+cause and every later question is answered "not judged" without a request, so a rerun with the right key judges
+the kept predictions and nothing else.
+
 The API key is passed to the client and nowhere else: errors are redacted before they are stored or logged.
 """
 
@@ -26,10 +32,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from otterhd_ray.eval.config import JudgeConfig
 from otterhd_ray.eval.scoring import normalize_text
+
+if TYPE_CHECKING:  # annotations only: eval.config imports the benchmark registry, which imports the judge
+    from otterhd_ray.eval.config import JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,31 @@ class JudgeResult:
         return self.verdict is not None
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One question to the judge model; `parse` turns its reply into a value, None when unreadable."""
+
+    item_id: str
+    prompt: str
+    system: str | None
+    parse: Callable[[str], Any]
+    max_tokens: int | None = None  # None: judge.max_tokens
+    temperature: float | None = None  # None: judge.temperature
+    unreadable: str = "unreadable judge reply"
+
+
+@dataclass
+class AskResult:
+    item_id: str
+    value: Any = None  # None: not judged (failed or unreadable); never counted as wrong
+    reply: str = ""
+    error: str = ""
+    attempts: int = 0
+    cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @dataclass
 class JudgeStats:
     kind: str
@@ -123,10 +156,10 @@ class Judge(Protocol):
 
 # --------------------------------------------------------------------------------------------- cache
 class JudgeCache:
-    """Append-only JSONL of verdicts keyed by sha256(model, system prompt, user prompt).
+    """Append-only JSONL of judge replies keyed by sha256(model, system prompt, user prompt).
 
-    Only definite verdicts are stored: a failed or unreadable judgment is asked again on the next run.
-    A torn last line (crash mid-write) is ignored on load.
+    Only replies that parsed are stored (a failed or unreadable judgment is asked again on the next run); a hit
+    is parsed again by the asker. A torn last line (crash mid-write) is ignored on load.
     """
 
     def __init__(self, path: str | Path | None):
@@ -142,14 +175,17 @@ class JudgeCache:
                     continue
 
     @staticmethod
-    def key(model: str, prompt: str) -> str:
-        return hashlib.sha256(f"{model}\x00{JUDGE_SYSTEM_PROMPT}\x00{prompt}".encode()).hexdigest()
+    def key(model: str, prompt: str, system: str | None = JUDGE_SYSTEM_PROMPT) -> str:
+        # The MagnifierBench key (system = the seed's judge prompt) is unchanged, so older caches stay valid.
+        return hashlib.sha256(f"{model}\x00{system or ''}\x00{prompt}".encode()).hexdigest()
 
-    def get(self, model: str, prompt: str) -> dict[str, Any] | None:
-        return self._entries.get(self.key(model, prompt))
+    def get(self, model: str, prompt: str, system: str | None = JUDGE_SYSTEM_PROMPT) -> dict[str, Any] | None:
+        return self._entries.get(self.key(model, prompt, system))
 
-    def put(self, model: str, prompt: str, reply: str, verdict: bool) -> None:
-        entry = {"key": self.key(model, prompt), "model": model, "reply": reply, "verdict": verdict}
+    def put(
+        self, model: str, prompt: str, reply: str, verdict: Any, system: str | None = JUDGE_SYSTEM_PROMPT
+    ) -> None:
+        entry = {"key": self.key(model, prompt, system), "model": model, "reply": reply, "verdict": verdict}
         with self._lock:
             self._entries[entry["key"]] = entry
             if self.path:
@@ -206,7 +242,7 @@ def backoff_delay(
 
 def classify_openai_error(err: BaseException) -> RetryableError | None:
     """A retryable error (with its reason and Retry-After), or None when retrying cannot help."""
-    import openai  # noqa: PLC0415
+    import openai
 
     if isinstance(err, openai.APITimeoutError):
         return RetryableError("timeout", str(err))
@@ -223,6 +259,16 @@ def classify_openai_error(err: BaseException) -> RetryableError | None:
     if isinstance(err, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError)):
         return RetryableError("malformed", str(err))
     return None
+
+
+FATAL_STATUS = (401, 403, 404)
+
+
+def is_fatal_openai_error(err: BaseException) -> bool:
+    """401 / 403 (the key) or 404 (model or endpoint): every later request fails the same way."""
+    import openai
+
+    return isinstance(err, openai.APIStatusError) and err.status_code in FATAL_STATUS
 
 
 # ---------------------------------------------------------------------------------------------- judges
@@ -252,13 +298,14 @@ class OpenAIJudge:
         self._client: Any = None
         self._sem: asyncio.Semaphore | None = None
         self.stats = JudgeStats(kind=self.kind, model=cfg.model)
+        self.fatal_error = ""  # set by the first failure that cannot heal (bad key, unknown model)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIJudge(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
 
     def _get_client(self) -> Any:
         if self._client is None:
-            import openai  # noqa: PLC0415
+            import openai
 
             common = {"api_key": self._api_key, "timeout": self.cfg.timeout, "max_retries": 0}
             if self.cfg.api_type == "azure":
@@ -274,16 +321,15 @@ class OpenAIJudge:
             await self._client.close()
             self._client = None
 
-    async def _ask_once(self, prompt: str) -> tuple[str, int, int]:
+    async def _ask_once(self, ask: Ask, temperature: float) -> tuple[str, int, int]:
         self.stats.requests += 1
+        messages = [{"role": "system", "content": ask.system}] if ask.system else []
+        messages.append({"role": "user", "content": ask.prompt})
         completion = await self._get_client().chat.completions.create(
             model=self.cfg.model,
-            messages=[
-                {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
-                {"role": "user", "content": prompt},
-            ],
-            temperature=self.cfg.temperature,
-            max_tokens=self.cfg.max_tokens,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=ask.max_tokens or self.cfg.max_tokens,
         )
         try:
             content = completion.choices[0].message.content
@@ -296,25 +342,47 @@ class OpenAIJudge:
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         return content, prompt_tokens, completion_tokens
 
-    async def judge(self, request: JudgeRequest) -> JudgeResult:
-        prompt = build_judge_prompt(request.question, request.response, request.ground_truth)
-        hit = self.cache.get(self.cfg.model, prompt)
-        if hit is not None:
+    def _stop(self, item_id: str, error: str) -> None:
+        """The first failure that cannot heal: one line naming the cause; later questions are not sent."""
+        if self.fatal_error:
+            return
+        self.fatal_error = error
+        log.error(
+            "judging stopped at item %s: %s (fix the judge key/model and rerun: only judging is left)",
+            item_id,
+            error,
+        )
+
+    async def ask(self, ask: Ask) -> AskResult:
+        """One question with the cache, the retry policy and the fatal stop; the reply goes through ask.parse."""
+        result = AskResult(ask.item_id, None)
+        if self.fatal_error:
+            result.error = f"not judged: {self.fatal_error}"
+            return result
+        hit = self.cache.get(self.cfg.model, ask.prompt, ask.system)
+        if hit is not None and ask.parse(str(hit.get("reply", ""))) is not None:
             self.stats.cache_hits += 1
-            return JudgeResult(request.item_id, bool(hit["verdict"]), reply=hit["reply"], cached=True)
+            result.value, result.reply, result.cached = ask.parse(hit["reply"]), hit["reply"], True
+            return result
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.cfg.concurrency)
-        result = JudgeResult(request.item_id, None)
+        temperature = self.cfg.temperature if ask.temperature is None else ask.temperature
         async with self._sem:
             for attempt in range(self.cfg.max_retries + 1):
+                if self.fatal_error:  # another request failed for good while this one waited
+                    result.error = f"not judged: {self.fatal_error}"
+                    return result
                 result.attempts = attempt + 1
                 try:
-                    reply, p_tok, c_tok = await self._ask_once(prompt)
+                    reply, p_tok, c_tok = await self._ask_once(ask, temperature)
                 except Exception as err:  # noqa: BLE001 - every failure is classified, none escapes
-                    retry = classify_openai_error(err)
                     result.error = redact(f"{type(err).__name__}: {err}", self._api_key)[:500]
+                    if is_fatal_openai_error(err):
+                        self._stop(ask.item_id, result.error)
+                        return result
+                    retry = classify_openai_error(err)
                     if retry is None or attempt == self.cfg.max_retries:
-                        log.warning("judge gave up on item %s: %s", request.item_id, result.error)
+                        log.warning("judge gave up on item %s: %s", ask.item_id, result.error)
                         return result
                     self.stats.retries += 1
                     self.stats.retry_reasons[retry.reason] += 1
@@ -327,17 +395,39 @@ class OpenAIJudge:
                 result.completion_tokens += c_tok
                 self.stats.prompt_tokens += p_tok
                 self.stats.completion_tokens += c_tok
-                verdict = parse_yes_no(reply)
                 result.reply = reply
-                if verdict is None:
-                    # An answer that is neither yes nor no: asking again at temperature 0 gives the same text.
-                    result.error = "reply is neither yes nor no"
+                value = ask.parse(reply)
+                if value is None:
+                    # Unreadable: at the same temperature the same text comes back; the asker may rephrase.
+                    result.error = ask.unreadable
                     return result
-                result.verdict = verdict
-                result.error = ""
-                self.cache.put(self.cfg.model, prompt, reply, verdict)
+                result.value, result.error = value, ""
+                self.cache.put(self.cfg.model, ask.prompt, reply, value, ask.system)
                 return result
         return result
+
+    async def judge(self, request: JudgeRequest) -> JudgeResult:
+        """The seed's yes/no judgment of a free-form answer."""
+        prompt = build_judge_prompt(request.question, request.response, request.ground_truth)
+        res = await self.ask(
+            Ask(
+                request.item_id,
+                prompt,
+                JUDGE_SYSTEM_PROMPT,
+                parse_yes_no,
+                unreadable="reply is neither yes nor no",
+            )
+        )
+        return JudgeResult(
+            request.item_id,
+            res.value,
+            reply=res.reply,
+            error=res.error,
+            attempts=res.attempts,
+            cached=res.cached,
+            prompt_tokens=res.prompt_tokens,
+            completion_tokens=res.completion_tokens,
+        )
 
 
 class RuleJudge:
@@ -348,6 +438,7 @@ class RuleJudge:
 
     def __init__(self) -> None:
         self.stats = JudgeStats(kind=self.kind, model="normalised-match")
+        self.fatal_error = ""
 
     @staticmethod
     def _contains(haystack: str, needle: str) -> bool:

@@ -1,19 +1,22 @@
-"""Predictor actor: a Ray Data stateful callable that answers both questions of each benchmark item.
+"""Predictor actor: a Ray Data stateful callable that answers every question of each benchmark item.
 
 The model is loaded once, in `__init__`, from an HF directory (ours or adept/fuyu-8b's layout) through
 `otterhd_ray.models.fuyu.hf.load_hf`; one `__call__` takes a batch of items and runs one batched greedy
-KV-cache decode over 2 x batch prompts (the multiple-choice and the free-form question of every item), so the
-two generations of an item share the batch instead of running one after the other as the seed does. The two
-prompts of an item are adjacent and carry the same patches tensor, so the model's shared-prefix decoding
-(`share_prefix`) prefills the image (+ `<s>` and any common text) once per item and keeps its K/V once.
+KV-cache decode over every prompt of the batch (MagnifierBench asks two questions per item, the other
+benchmarks one), so the generations of an item share the batch instead of running one after the other as the
+seed does. The prompts of an item are adjacent and carry the same patches tensor, so the model's shared-prefix
+decoding (`share_prefix`) prefills the image (+ `<s>` and any common text) once per item and keeps its K/V once.
 
-Input columns:  id (str), image (encoded bytes), mc_text, ff_text (prompts already in the model's convention).
-Output columns: id, mc_response, ff_response, num_prompt_tokens, num_new_tokens, error ("" when fine).
+Input columns:  id (str), image (encoded bytes), texts (a JSON list of prompts already in the model's
+                convention) - or the older pair mc_text, ff_text.
+Output columns: id, responses (JSON list, one per prompt; mc_response, ff_response for the older pair),
+                num_prompt_tokens, num_new_tokens, generate_s, error ("" when fine).
 An item whose image cannot be decoded gets `error` set and empty responses; it never fails the batch.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,7 +39,7 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def pick_device(device: str) -> str:
-    import torch  # noqa: PLC0415
+    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +49,7 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> Any:
-    import torch  # noqa: PLC0415
+    import torch
 
     if dtype == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
@@ -66,13 +69,19 @@ class Predictor:
         preprocess_threads: int = 4,
         share_prefix: bool = True,
     ) -> None:
-        from otterhd_ray.data.tokenizer import load_tokenizer  # noqa: PLC0415
-        from otterhd_ray.models.fuyu.hf import load_hf  # noqa: PLC0415
+        from otterhd_ray.data.tokenizer import load_tokenizer
+        from otterhd_ray.models.fuyu.hf import load_hf
 
         device = pick_device(device)
         model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
         self._setup(
-            model, load_tokenizer(model_path), resolution, max_new_tokens, None, preprocess_threads, share_prefix
+            model,
+            load_tokenizer(model_path),
+            resolution,
+            max_new_tokens,
+            None,
+            preprocess_threads,
+            share_prefix,
         )
 
     @classmethod
@@ -103,8 +112,8 @@ class Predictor:
         preprocess_threads: int,
         share_prefix: bool = True,
     ) -> None:
-        from otterhd_ray.data.processor import FuyuProcessor  # noqa: PLC0415
-        from otterhd_ray.data.tokenizer import fuyu_tokens  # noqa: PLC0415
+        from otterhd_ray.data.processor import FuyuProcessor
+        from otterhd_ray.data.tokenizer import fuyu_tokens
 
         self.resolution = resolution
         self.max_new_tokens = max_new_tokens
@@ -126,10 +135,10 @@ class Predictor:
         Runs in a thread pool (Pillow and numpy release the GIL), so a batch's images are prepared in parallel,
         and once per item: both questions share the patches. Returns the error text for an unusable image.
         """
-        import torch  # noqa: PLC0415
+        import torch
 
-        from otterhd_ray.data.images import decode_image  # noqa: PLC0415
-        from otterhd_ray.data.processor import patchify, resize_image  # noqa: PLC0415
+        from otterhd_ray.data.images import decode_image
+        from otterhd_ray.data.processor import patchify, resize_image
 
         try:
             image = resize_image(resize_short_side(decode_image(data, MAX_IMAGE_PIXELS), self.resolution))
@@ -145,20 +154,30 @@ class Predictor:
         tokenizers are not safe to call from several threads). tests/unit/test_eval_predictor.py checks equality
         with encode_prompt.
         """
-        import torch  # noqa: PLC0415
+        import torch
 
-        from otterhd_ray.data.processor import image_token_ids  # noqa: PLC0415
+        from otterhd_ray.data.processor import image_token_ids
 
         ids = image_token_ids(grid, self.processor.tokens) + self.processor.encode_text(text)
         return torch.as_tensor(ids, dtype=torch.long)
 
+    @staticmethod
+    def _texts(batch: dict[str, np.ndarray]) -> tuple[list[list[str]], bool]:
+        """Each item's prompts, and whether the batch uses the older mc_text / ff_text columns."""
+        if "texts" in batch:
+            return [[str(t) for t in json.loads(str(x))] for x in batch["texts"]], False
+        pairs = zip(batch["mc_text"], batch["ff_text"], strict=True)
+        return [[str(mc), str(ff)] for mc, ff in pairs], True
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(x) for x in batch["id"]]
         n = len(ids)
-        mc_out, ff_out, errors = [""] * n, [""] * n, [""] * n
+        texts, legacy = self._texts(batch)
+        answers: list[list[str]] = [[""] * len(t) for t in texts]
+        errors = [""] * n
         num_prompt, num_new = np.zeros(n, np.int64), np.zeros(n, np.int64)
         prompts: list[tuple[Any, Any]] = []
-        owners: list[tuple[int, str]] = []  # (item index, "mc" | "ff") of each prompt
+        owners: list[tuple[int, int]] = []  # (item index, question index) of each prompt
         prepared = list(self._pool.map(self._prepare_image, [bytes(b) for b in batch["image"]]))
         for i, prep in enumerate(prepared):
             if isinstance(prep, str):
@@ -166,38 +185,39 @@ class Predictor:
                 continue
             patches, grid = prep
             try:
-                pair = [
-                    self._prompt_ids(grid, str(batch["mc_text"][i])),
-                    self._prompt_ids(grid, str(batch["ff_text"][i])),
-                ]
+                item_ids = [self._prompt_ids(grid, text) for text in texts[i]]
             except ValueError as err:  # e.g. reserved tokens in the text: this item only
                 errors[i] = f"{type(err).__name__}: {err}"[:300]
                 continue
-            for kind, prompt_ids in zip(("mc", "ff"), pair, strict=True):
+            for q, prompt_ids in enumerate(item_ids):
                 prompts.append((prompt_ids, patches))
-                owners.append((i, kind))
+                owners.append((i, q))
                 num_prompt[i] += int(prompt_ids.numel())
-        import torch  # noqa: PLC0415
+        import torch
 
         start = time.perf_counter()
         with torch.inference_mode():
             generated = (
-                self.model.generate(prompts, self.max_new_tokens, self.stop_ids, share_prefix=self.share_prefix)
+                self.model.generate(
+                    prompts, self.max_new_tokens, self.stop_ids, share_prefix=self.share_prefix
+                )
                 if prompts
                 else []
             )
         seconds = time.perf_counter() - start
-        for (i, kind), new_ids in zip(owners, generated, strict=True):
+        for (i, q), new_ids in zip(owners, generated, strict=True):
             new_ids = [t for t in new_ids if t not in self.stop_ids]
-            text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-            (mc_out if kind == "mc" else ff_out)[i] = text
+            answers[i][q] = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
             num_new[i] += len(new_ids)
-        return {
+        out = {
             "id": np.asarray(ids, dtype=object),
-            "mc_response": np.asarray(mc_out, dtype=object),
-            "ff_response": np.asarray(ff_out, dtype=object),
+            "responses": np.asarray([json.dumps(a) for a in answers], dtype=object),
             "num_prompt_tokens": num_prompt,
             "num_new_tokens": num_new,
             "generate_s": np.full(n, seconds / max(n, 1)),
             "error": np.asarray(errors, dtype=object),
         }
+        if legacy:
+            out["mc_response"] = np.asarray([a[0] for a in answers], dtype=object)
+            out["ff_response"] = np.asarray([a[1] for a in answers], dtype=object)
+        return out

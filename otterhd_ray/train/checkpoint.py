@@ -22,7 +22,7 @@ import dataclasses
 import json
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch
 from otterhd_ray.train.engine import DS_TAG, TORCH_MODEL_FILE, Engine
 
 CONFIG_FILE = "finetune_config.json"
+MODEL_CONFIG_FILE = "model_config.json"  # our FuyuModelConfig as HF keys (export rebuilds the model from it)
 STATE_FILE = "train_state.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = (
@@ -59,7 +60,6 @@ class TrainState:
     world_size: int = 1
     tokens_seen: int = 0
     samples_seen: int = 0
-    data_state: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -67,7 +67,7 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}  # older checkpoints held a since-removed `data_state`
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
@@ -88,7 +88,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _copy_tokenizer(src: str | Path | None, dst: Path) -> None:
     if not src or not Path(src).is_dir():
-        return  # remote or absent tokenizer: export then needs --tokenizer (it says so)
+        return  # remote or absent tokenizer: export then writes weights and config only (and warns)
     dst.mkdir(exist_ok=True)
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():

@@ -55,7 +55,7 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
 
 
 class Engine(ABC):
-    """forward / backward / step / zero_grad / save / load / state — the loop's whole view of training."""
+    """forward / backward / step / zero_grad / save / load / lr — the loop's whole view of training."""
 
     device: torch.device
     model: nn.Module  # the bare model (for export and evaluation), never the wrapper
@@ -82,10 +82,6 @@ class Engine(ABC):
     @abstractmethod
     def load(self, directory: str | Path) -> None: ...
 
-    @abstractmethod
-    def state(self) -> dict[str, Any]:
-        """Small facts for logging: `lr`, `optimizer_steps` (applied updates since the engine was built)."""
-
     @property
     @abstractmethod
     def lr(self) -> float: ...
@@ -110,7 +106,6 @@ class TorchEngine(Engine):
         self._ddp = ddp
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim.scheduler, total_steps, cfg.optim.warmup_ratio)
-        self._num_updates = 0
         precision = resolve_precision(cfg.train.precision, device.type == "cuda")
         self._autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
@@ -135,7 +130,6 @@ class TorchEngine(Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.zero_grad()
-        self._num_updates += 1
         return norm.detach()
 
     def zero_grad(self) -> None:
@@ -157,9 +151,6 @@ class TorchEngine(Engine):
         state = torch.load(directory / TORCH_OPTIM_FILE, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-    def state(self) -> dict[str, Any]:
-        return {"lr": self.lr, "optimizer_steps": self._num_updates}
 
     @property
     def lr(self) -> float:
@@ -212,7 +203,6 @@ class DeepSpeedEngine(Engine):
             # The chunked loss multiplies by lm_head.weight outside lm_head's own forward, where ZeRO-3 would
             # see only this rank's empty partition: make the wrapper's forward gather it.
             deepspeed.zero.register_external_parameter(self._engine.module, model.lm_head.weight)
-        self._num_updates = 0
 
     @property
     def ds_engine(self) -> Any:
@@ -231,7 +221,6 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> torch.Tensor:
         self._engine.step()
-        self._num_updates += 1
         norm = self._engine.get_global_grad_norm()
         if norm is None:
             return torch.full((), float("nan"), device=self.device)
@@ -250,9 +239,6 @@ class DeepSpeedEngine(Engine):
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-
-    def state(self) -> dict[str, Any]:
-        return {"lr": self.lr, "optimizer_steps": self._num_updates}
 
     @property
     def lr(self) -> float:

@@ -38,8 +38,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from otterhd_ray.config import FinetuneConfig
-from otterhd_ray.train.checkpoint import TrainState, load_training_checkpoint, save_training_checkpoint
+from otterhd_ray.config import FaultsConfig, FinetuneConfig
+from otterhd_ray.train.checkpoint import (
+    MODEL_CONFIG_FILE,
+    TrainState,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from otterhd_ray.train.engine import Engine, batch_to_device, build_engine
 from otterhd_ray.train.metrics import MetricsSink, WindowAccumulator, flops_per_token, peak_flops
 
@@ -220,50 +225,60 @@ def plan_steps(cfg: FinetuneConfig, data: DataSource) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------- loop
 class _Faults:
-    """Fault injection for the restart test: SIGKILL this worker once at a given step (marker file = once)."""
+    """`faults:` of the config (tests): SIGKILL one worker once at a step (the marker file makes it once), or
+    raise `InjectedStop` after a step."""
 
-    def __init__(self, config_dict: dict[str, Any], rank: int) -> None:
-        self.stop_step = config_dict.get("stop_after_step")
-        self.step = config_dict.get("fail_at_step")
-        self.rank = config_dict.get("fail_rank", 0)
-        self.marker = config_dict.get("fail_marker")
-        self.active = self.step is not None and rank == self.rank and self.marker is not None
+    def __init__(self, faults: FaultsConfig, rank: int) -> None:
+        self.cfg = faults
+        self.kill_here = faults.fail_at_step is not None and rank == faults.fail_rank
 
     def maybe_die(self, step: int) -> None:
-        if self.active and step == self.step and not Path(self.marker).exists():
-            Path(self.marker).write_text(f"killed at step {step}\n")
+        marker = self.cfg.fail_marker
+        if self.kill_here and step == self.cfg.fail_at_step and marker and not Path(marker).exists():
+            Path(marker).write_text(f"killed at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_stop(self, step: int) -> None:
-        """`stop_after_step`: crash (an exception) right after step `step` was reported, as a killed job would."""
-        if self.stop_step is not None and step == self.stop_step:
-            raise InjectedStop(f"stopped after step {step} (test fault injection)")
+        """Crash (an exception) right after step `step` was reported, as a killed job would."""
+        if step == self.cfg.stop_after_step:
+            raise InjectedStop(f"stopped after step {step} (faults.stop_after_step)")
 
 
 class InjectedStop(RuntimeError):
     pass
 
 
-def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None = None) -> dict[str, Any]:
-    """Entry point of each training worker. `config_dict["config"]` is a `FinetuneConfig` dump.
+ModelFactory = Callable[[FinetuneConfig, torch.device], torch.nn.Module]
+DataSourceFactory = Callable[[FinetuneConfig, int, int], DataSource]
 
-    Optional keys (tests): `model_factory(cfg, device)`, `data_source_factory(cfg, rank, world_size)`,
-    `fail_at_step` / `fail_rank` / `fail_marker` (SIGKILL a worker once), `stop_after_step` (raise
-    `InjectedStop`). Returns the last logged metrics.
+
+def train_loop_per_worker(
+    loop_config: dict[str, Any],
+    ctx: TrainContext | None = None,
+    *,
+    model_factory: ModelFactory | None = None,
+    data_source_factory: DataSourceFactory | None = None,
+) -> dict[str, Any]:
+    """Entry point of each training worker; returns the last logged metrics.
+
+    `loop_config` is Ray Train's `train_loop_config`: exactly `{"config": FinetuneConfig dump}` (fault injection
+    is the config's typed `faults:` section). The keywords are for in-process tests and benchmarks (Ray Train
+    calls the loop with the dict only): another model or data source than the config's.
     """
-    cfg = FinetuneConfig.model_validate(config_dict["config"])
+    unknown = set(loop_config) - {"config"}
+    if unknown:
+        raise ValueError(f"train_loop_config has unknown keys {sorted(unknown)}; fault injection is `faults:`")
+    cfg = FinetuneConfig.model_validate(loop_config["config"])
     ctx = ctx or RayContext()
     rank, world = ctx.rank, ctx.world_size
     device = _device(cfg, ctx.local_rank)
 
-    model_factory: Callable[..., torch.nn.Module] = config_dict.get("model_factory") or build_model_for
-    data_factory: Callable[..., DataSource] = config_dict.get("data_source_factory") or build_data_source
     # The same seed on every rank for the initial weights (DeepSpeed broadcasts rank 0's anyway; this keeps a
     # ZeRO-3 or torch run correct without relying on it), then a per-rank stream for everything else.
     _seed_everything(cfg.train.seed)
-    model = model_factory(cfg, device)
+    model = (model_factory or build_model_for)(cfg, device)
     _seed_everything(cfg.train.seed + 1000 * (rank + 1))
-    data = data_factory(cfg, rank, world)
+    data = (data_source_factory or build_data_source)(cfg, rank, world)
     steps_per_epoch = plan_steps(cfg, data)
     total_steps = sum(steps_per_epoch)
     if cfg.train.max_steps:
@@ -281,12 +296,11 @@ def train_loop_per_worker(config_dict: dict[str, Any], ctx: TrainContext | None 
             f"the checkpoint's run had {state.total_steps} optimizer steps, this config gives {total_steps}: "
             "resume with the same data, epochs, accumulation and workers"
         )
-    return _run(cfg, config_dict, ctx, engine, data, state, device)
+    return _run(cfg, ctx, engine, data, state, device)
 
 
 def _run(
     cfg: FinetuneConfig,
-    config_dict: dict[str, Any],
     ctx: TrainContext,
     engine: Engine,
     data: DataSource,
@@ -295,16 +309,13 @@ def _run(
 ) -> dict[str, Any]:
     rank, world, gas = ctx.rank, ctx.world_size, cfg.train.gradient_accumulation_steps
     total = state.total_steps
-    run_id = config_dict.get("run_id") or cfg.ray.name
-    sink = MetricsSink(cfg, rank, run_id, Path(cfg.train.output_dir) / "metrics.jsonl")
+    sink = MetricsSink(cfg, rank, cfg.ray.name, Path(cfg.train.output_dir) / "metrics.jsonl")
     window = WindowAccumulator(device)
-    faults = _Faults(config_dict, rank)
+    faults = _Faults(cfg.faults, rank)
     ledger = _SampleLedger(cfg, rank)
     config_json = cfg.model_dump_json(indent=2)
     extra_files = {}
     if hasattr(getattr(engine.model, "config", None), "to_hf_dict"):
-        from otterhd_ray.export import MODEL_CONFIG_FILE
-
         extra_files[MODEL_CONFIG_FILE] = json.dumps(engine.model.config.to_hf_dict(), indent=2)
     flops_tok, peak = flops_per_token(engine.model, 1.0), peak_flops(device)
     resumed_from = state.global_step

@@ -1,25 +1,23 @@
-"""`run_finetune(cfg)`: connect to (or start) Ray, build the `TorchTrainer`, fit, export.
+"""`run_finetune(cfg)`: connect to (or start) Ray, build the `TorchTrainer`, fit.
 
 Ray Train V2 (Ray 2.60) semantics: a run is identified by `RunConfig(storage_path, name)`; running again with the
 same pair resumes from its latest checkpoint (`ray.train.get_checkpoint()` in the loop), and
 `FailureConfig(max_failures)` restarts the worker group from the latest checkpoint after a worker dies.
 
-Connecting: `cfg.ray.address`, else `RAY_ADDRESS` (set by `ray job submit`), else a local Ray is started with
-more logical CPUs than the workers reserve — on a 2-core machine, workers holding every CPU starve the pipeline's
-Ray Data tasks forever (ray#44687).
+Connecting: `otterhd_ray.raycluster.connect` (`cfg.ray.address`, else `RAY_ADDRESS`, else a local Ray with
+CPUs to spare beyond the workers' for the pipeline's Ray Data tasks).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from otterhd_ray.config import FinetuneConfig
 from otterhd_ray.data.checks import preflight
+from otterhd_ray.raycluster import connect
 
 logger = logging.getLogger("otterhd_ray.train")
 
@@ -45,26 +43,6 @@ def resolve_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def prepare_demo_data(cfg: FinetuneConfig) -> None:
-    """`train.demo_data`: synthesise the shards and the tiny tokenizer the demo config points at, if missing."""
-    if not cfg.data.datasets or not cfg.data.tokenizer_path:
-        raise ValueError("train.demo_data needs data.datasets[0].path and data.tokenizer_path")
-    train_dir = Path(cfg.data.datasets[0].path)
-    if train_dir.name != "train":
-        raise ValueError(f"train.demo_data: data.datasets[0].path must end in /train (got {train_dir})")
-    if not train_dir.is_dir() or not any(train_dir.glob("*.parquet")):
-        from otterhd_ray.data.synth import synthesize
-
-        n = cfg.data.datasets[0].num_samples
-        logger.info("demo: synthesising %s training samples into %s", n if n > 0 else 64, train_dir)
-        synthesize(train_dir.parent, num_train=n if n > 0 else 64, num_bench=0, seed=cfg.data.seed)
-    tok = Path(cfg.data.tokenizer_path)
-    if not (tok / "tokenizer.json").is_file():
-        from otterhd_ray.data.tokenizer import build_tiny_tokenizer
-
-        build_tiny_tokenizer(tok)
-
-
 def check_inputs(cfg: FinetuneConfig) -> None:
     """Fail on the driver, with the key named, before any worker starts."""
     if not cfg.data.datasets:
@@ -79,21 +57,6 @@ def check_inputs(cfg: FinetuneConfig) -> None:
         raise ValueError(f"data.tokenizer_path is not a directory: {tok}")
     if cfg.ray.use_gpu and cfg.ray.gpus_per_worker <= 0:
         raise ValueError("ray.use_gpu needs ray.gpus_per_worker > 0")
-
-
-def connect_ray(cfg: FinetuneConfig) -> None:
-    """Join `ray.address` / `RAY_ADDRESS`, or start a local Ray sized so the data tasks always get a CPU."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    reserved = max(cfg.ray.num_workers, 1) * cfg.ray.cpus_per_worker
-    num_cpus = max(os.cpu_count() or 1, math.ceil(reserved) + 2)
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
 def build_trainer(cfg: FinetuneConfig, loop_config: dict[str, Any]) -> Any:
@@ -122,33 +85,26 @@ def build_trainer(cfg: FinetuneConfig, loop_config: dict[str, Any]) -> Any:
     )
 
 
-def run_finetune(cfg: FinetuneConfig, loop_extras: dict[str, Any] | None = None) -> Any:
+def run_finetune(cfg: FinetuneConfig) -> Any:
     """Fine-tune as configured; returns Ray's `Result` (`.checkpoint`, `.metrics`, `.error`).
 
     `ray.num_workers: 0` runs the loop in this process without Ray Train (debugging); checkpoints then go to
-    `storage_path/name/checkpoint_<step>`. `loop_extras` are passed to the loop as is (tests' fault injection).
+    `storage_path/name/checkpoint_<step>`. Training only: the entry point `otterhd_ray.finetune.finetune`
+    adds `train.demo_data` before and the `train.save_hf_model` export after (export reads train's
+    checkpoints, so train does not call it).
     """
     cfg = resolve_paths(cfg)
-    if cfg.train.demo_data:
-        prepare_demo_data(cfg)
     check_inputs(cfg)
     cfg = preflight(cfg, world_size=max(cfg.ray.num_workers, 1))  # bad files / no usable rows: one line, now
-    loop_config = {"config": cfg.model_dump(mode="json"), "run_id": f"{cfg.ray.name}", **(loop_extras or {})}
+    loop_config = {"config": cfg.model_dump(mode="json")}
     started = time.perf_counter()
     if cfg.ray.num_workers == 0:
         result = _run_in_process(cfg, loop_config)
     else:
-        connect_ray(cfg)
+        connect(cfg.ray.address, reserved_cpus=max(cfg.ray.num_workers, 1) * cfg.ray.cpus_per_worker)
         result = build_trainer(cfg, loop_config).fit()
     logger.info("fine-tune finished in %.1f s; checkpoint %s", time.perf_counter() - started,
                 getattr(result.checkpoint, "path", None))
-    if cfg.train.save_hf_model and result.checkpoint is not None:
-        export_dir = Path(cfg.train.output_dir) / "hf"
-        from otterhd_ray.export import export_checkpoint
-
-        with result.checkpoint.as_directory() as directory:
-            export_checkpoint(directory, export_dir)
-        logger.info("exported the final checkpoint to %s", export_dir)
     return result
 
 

@@ -10,6 +10,7 @@ import torch
 
 from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches, save_hf
 from otterhd_ray.ops.attention import available_backends, packed_attention
+from tests import helpers
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -23,29 +24,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sample(rows, cols, num_text, seed, num_targets=8):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(([IMG] * cols + [IMG + 1]) * rows + [1] + torch.randint(3, IMG, (num_text,), generator=g).tolist())
-    patches = torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g)
-    return ids, patches, num_targets
+    return helpers.sample(CFG, rows, cols, num_text, seed, num_targets)
 
 
 def pack(samples):
-    lengths = [len(s[0]) for s in samples]
-    targets = []
-    for ids, _, n in samples:
-        t = torch.full_like(ids, -100)
-        t[-n - 1 : -1] = ids[-n:]
-        targets.append(t)
-    target_ids = torch.cat(targets)
-    return {
-        "input_ids": torch.cat([s[0] for s in samples]).to(DEV),
-        "target_ids": target_ids.to(DEV),
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]).to(DEV),
-        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEV),
-        "max_seqlen": max(lengths),
-        "patches": torch.cat([s[1] for s in samples]).to(DEV),
-        "num_target_tokens": int((target_ids != -100).sum()),
-    }
+    return helpers.pack(samples, DEV)
 
 
 SAMPLES = [sample(6, 9, 40, 0), sample(0, 0, 70, 1), sample(10, 7, 25, 2), sample(3, 20, 90, 3)]

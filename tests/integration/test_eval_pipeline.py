@@ -34,7 +34,8 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 
 # ------------------------------------------------------------------------------------------- fakes
 class FakePredictor:
-    """Same constructor and columns as eval.predictor.Predictor; always picks option A (letter and text)."""
+    """Same constructor and columns as eval.predictor.Predictor (no model). MagnifierBench items (two prompts)
+    get option A as letter and text; every other question gets "A"."""
 
     def __init__(self, model_path, resolution=-1, max_new_tokens=8, device="auto", dtype="auto", **kwargs):
         self.model_path = model_path
@@ -45,16 +46,19 @@ class FakePredictor:
     def _fail(self, item_id: str) -> bool:
         return False
 
+    def _answers(self, texts: list[str]) -> list[str]:
+        return ["A", self._option_a(texts[0])] if len(texts) == 2 else ["A"] * len(texts)
+
     def __call__(self, batch):
         ids = [str(x) for x in batch["id"]]
         for i in ids:
             if self._fail(i):
                 raise RuntimeError(f"simulated actor failure on {i}")
         n = len(ids)
+        answers = [json.dumps(self._answers(json.loads(str(t)))) for t in batch["texts"]]
         return {
             "id": np.asarray(ids, dtype=object),
-            "mc_response": np.asarray(["A"] * n, dtype=object),
-            "ff_response": np.asarray([self._option_a(str(t)) for t in batch["mc_text"]], dtype=object),
+            "responses": np.asarray(answers, dtype=object),
             "num_prompt_tokens": np.full(n, 10),
             "num_new_tokens": np.full(n, 1),
             "generate_s": np.zeros(n),
@@ -161,8 +165,11 @@ def test_rule_judge_crash_then_resume(local_ray, bench_dir, tmp_path, monkeypatc
     assert legacy["counts"]["mc_correct"] == expected
     assert legacy["mc_accuracy_seed_denominator"] == pytest.approx(expected / legacy["counts"]["rows"])
     rec = json.loads(Path(legacy["results_path"]).read_text().splitlines()[0])
-    assert rec["mc_question"].startswith("Answer directly. ") and "Assistant:" not in rec["mc_question"]
-    assert rec["mc_model_input"] == f"User: {rec['mc_question']} Assistant:"
+    mc_question = rec["doc"]["mc_question"]
+    assert mc_question.startswith("Answer directly. ") and "Assistant:" not in mc_question
+    assert (
+        rec["prompts"]["mc"] == mc_question and rec["model_inputs"]["mc"] == f"User: {mc_question} Assistant:"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -210,30 +217,57 @@ def test_openai_judge_through_flaky_server(local_ray, bench_dir, tmp_path, monke
             assert SECRET not in path.read_text(errors="replace"), path
 
 
+def _judge_all(server, script, requests, tmp_path, **cfg_kw):
+    server.script(script)
+    cfg = JudgeConfig(base_url=server.base_url, timeout=2.0, backoff_base=0.01, max_retries=3, **cfg_kw)
+    judge = OpenAIJudge(cfg, SECRET, JudgeCache(tmp_path / "c.jsonl"))
+
+    async def go():
+        try:
+            return await judge_all(judge, requests)
+        finally:
+            await judge.aclose()
+
+    return judge, asyncio.run(go())
+
+
 @pytest.mark.timeout(60)
 def test_failed_judgment_is_unjudged_and_key_redacted(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(lambda body: "yes") as server:
-        server.script(["401echo", "ok:perhaps"])
-        cfg = JudgeConfig(
-            base_url=server.base_url, timeout=2.0, backoff_base=0.01, concurrency=1, max_retries=3
+        _, (unclear, fine) = _judge_all(
+            server,
+            ["ok:perhaps"],
+            [JudgeRequest(str(i), "q?", "r", "t") for i in range(2)],
+            tmp_path,
+            concurrency=1,
         )
-        judge = OpenAIJudge(cfg, SECRET, JudgeCache(tmp_path / "c.jsonl"))
-        requests = [JudgeRequest(str(i), "q?", "r", "t") for i in range(3)]
-
-        async def go():
-            try:
-                return await judge_all(judge, requests)
-            finally:
-                await judge.aclose()
-
-        auth_failed, unclear, fine = asyncio.run(go())
-    assert auth_failed.verdict is None and auth_failed.attempts == 1  # 401: retrying cannot help
-    assert "AuthenticationError" in auth_failed.error and SECRET not in auth_failed.error
-    assert "[REDACTED]" in auth_failed.error
     assert unclear.verdict is None and unclear.reply == "perhaps"  # neither yes nor no: unjudged, not wrong
     assert fine.verdict is True
     assert len(JudgeCache(tmp_path / "c.jsonl")) == 1  # only the definite verdict is cached
+
+
+@pytest.mark.timeout(60)
+def test_401_stops_the_judging_at_the_first_one(tmp_path, caplog):
+    """A bad key cannot heal: one request, one log line naming the cause, every other item 'not judged'."""
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(lambda body: "yes") as server:
+        judge, results = _judge_all(
+            server,
+            ["401echo"],
+            [JudgeRequest(str(i), "q?", "r", "t") for i in range(16)],
+            tmp_path,
+            concurrency=1,
+        )
+        assert len(server.requests) == 1
+    first, rest = results[0], results[1:]
+    assert first.verdict is None and first.attempts == 1  # 401: retrying cannot help
+    assert "AuthenticationError" in first.error and "401" in first.error
+    assert SECRET not in first.error and "[REDACTED]" in first.error
+    assert all(r.verdict is None and r.error.startswith("not judged: AuthenticationError") for r in rest)
+    assert judge.fatal_error == first.error
+    stop_lines = [r for r in caplog.records if "judging stopped" in r.getMessage()]
+    assert len(stop_lines) == 1 and not [r for r in caplog.records if "gave up" in r.getMessage()]
     assert SECRET not in caplog.text
 
 
@@ -298,3 +332,90 @@ def test_azure_client_against_the_server(tmp_path):
         and "api-version=2024-02-01" in req["path"]
     )
     assert req["headers"].get("api-key") == SECRET
+
+
+def _bench_fixtures(out: Path) -> dict[str, Path]:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_bench_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_bench_fixtures", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_bench_fixtures(out)
+
+
+@pytest.mark.timeout(180)
+def test_bad_key_on_ray_keeps_predictions_and_a_rerun_only_judges(local_ray, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    fx = _bench_fixtures(tmp_path / "bench")
+    with FakeOpenAI(lambda body: "1.0") as server:
+        server.script(
+            ["401echo"] * 8
+        )  # the key is wrong for the first run (up to concurrency requests in flight)
+        raw = {
+            "datasets": [{"name": "mmvet", "data_path": str(fx["mmvet"])}],
+            "models": [{"name": "otterhd", "model_path": "/nonexistent/fake"}],
+            "output_dir": str(tmp_path / "out"),
+            "judge": {"base_url": server.base_url, "timeout": 2.0, "backoff_base": 0.01},
+        }
+        cfg = BenchmarkConfig.model_validate(raw)
+        first = run_evaluation(cfg, predictor_cls=FakePredictor, print_report=False)["runs"][0]
+        assert "AuthenticationError" in first["judge_error"] and first["counts"]["evaluated"] == 4
+        assert first["counts"]["unjudged"] == 4 and len(server.requests) <= cfg.judge.concurrency
+        assert len([r for r in caplog.records if "judging stopped" in r.getMessage()]) == 1
+        assert "judging stopped" in (tmp_path / "out" / "report.md").read_text()
+        assert json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]["judge_error"]
+
+        server._script.clear()  # the key works now
+        second = run_evaluation(cfg, predictor_cls=FakePredictor, print_report=False)["runs"][0]
+        assert second["timing"]["predicted_this_run"] == 0 and second["timing"]["resumed"] == 4
+        assert not second["judge_error"] and second["counts"]["judged"] == 4
+        assert second["scores"]["gpt_eval_score"] == pytest.approx(100.0)
+
+
+@pytest.mark.timeout(600)
+def test_seed_yaml_with_several_datasets_on_the_debug_model(
+    local_ray, tmp_path, tiny_tokenizer_dir, monkeypatch
+):
+    """The seed's YAML shape (`datasets:` of several benchmarks) end to end: debug model, Ray actor pool."""
+    import shutil
+
+    import torch
+
+    from otterhd_ray.config import read_yaml
+    from otterhd_ray.data.tokenizer import load_tokenizer
+    from otterhd_ray.models.fuyu import hf
+    from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
+    from otterhd_ray.models.fuyu.model import FuyuForCausalLM
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    hf.save_hf(
+        FuyuForCausalLM(config_for_tokenizer(flavour_config("debug"), load_tokenizer(tiny_tokenizer_dir))),
+        model_dir,
+    )
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, model_dir / f.name)
+    fx = _bench_fixtures(tmp_path / "bench")
+    raw = read_yaml(Path(__file__).resolve().parents[2] / "configs/benchmark/all_benchmarks.yaml")
+    names = ["magnifierbench", "mme", "pope", "mathvista"]
+    raw["datasets"] = [
+        {**d, "data_path": str(fx[d["name"]]), "max_items": 4, "max_new_tokens": 3}
+        for d in raw["datasets"]
+        if d["name"] in names
+    ]
+    raw["models"] = [{"name": "otterhd", "model_path": str(model_dir), "resolution": 60}]
+    raw.update(output_dir=str(tmp_path / "out"), num_actors=2, batch_size=2, device="cpu", gpus_per_actor=0)
+    metrics = run_evaluation(BenchmarkConfig.model_validate(raw), print_report=False)
+    assert [r["benchmark"] for r in metrics["runs"]] == names
+    for run in metrics["runs"]:
+        assert not run["prediction_error"], run["prediction_error"]
+        assert run["counts"]["evaluated"] == 4 and run["counts"]["failed"] == 0, run["dataset"]
+        assert all(v is None or isinstance(v, float) for v in run["scores"].values())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"| {n}/" in report for n in names)
+    (folder,) = (tmp_path / "out" / "lmms_eval").iterdir()
+    tasks = json.loads(next(folder.glob("*_results.json")).read_text())["results"]
+    assert set(tasks) == {"magnifierbench", "mme", "pope", "mathvista_testmini"}

@@ -11,7 +11,6 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 from otterhd_ray.config import FinetuneConfig
 from otterhd_ray.data.buckets import assemble, collate_to_torch
 from otterhd_ray.models.fuyu import flavour_config, new_model
+from tests.helpers import train_rows
 
 pytestmark = pytest.mark.timeout(240)
 CFG = flavour_config("debug")
@@ -26,19 +26,6 @@ ENGINES = {
     "ddp": {"deepspeed": {"enabled": False}},
     "zero2": {"deepspeed": {"enabled": True, "stage": 2, "torch_adam": True}},
 }
-
-
-def _samples() -> list[dict]:
-    rng = np.random.default_rng(7)
-    out = []
-    for index, (rows, cols, text) in enumerate([(2, 3, 9), (1, 4, 13), (3, 2, 6)]):
-        image = ([CFG.image_token_id] * cols + [CFG.image_token_id + 1]) * rows
-        ids = np.array(image + [CFG.bos_token_id] + rng.integers(20, 500, text).tolist(), np.int64)
-        labels = np.full_like(ids, -100)
-        labels[-text // 2:] = ids[-text // 2:]
-        patches = rng.integers(0, 256, (rows * cols, CFG.patch_dim), dtype=np.uint8)
-        out.append({"input_ids": ids, "labels": labels, "patches": patches, "sample_index": index})
-    return out
 
 
 def _config(name: str) -> FinetuneConfig:
@@ -65,8 +52,8 @@ def _worker(rank: int, name: str, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    samples = _samples()
-    mine = [collate_to_torch(assemble(samples[:1] if rank == 0 else samples[1:]))]
+    rows = train_rows(CFG, seed=7)
+    mine = [collate_to_torch(assemble(rows[:1] if rank == 0 else rows[1:]))]
     state = _step(name, mine, world=2)
     if rank == 0:
         torch.save(state, out)
@@ -86,7 +73,7 @@ def test_two_ranks_with_unequal_tokens_equal_one_big_batch(name, tmp_path: Path)
     out = tmp_path / "rank0.pt"
     mp.start_processes(_worker, args=(name, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     distributed = torch.load(out)
-    samples = _samples()
+    samples = train_rows(CFG, seed=7)
     big = collate_to_torch(assemble(samples))
     # Reference in a child too: this process must not keep a process group around for other tests.
     ctx = mp.get_context("spawn")
@@ -101,5 +88,5 @@ def test_two_ranks_with_unequal_tokens_equal_one_big_batch(name, tmp_path: Path)
 
 
 def _reference(name: str, out: str) -> str:
-    torch.save(_step(name, [collate_to_torch(assemble(_samples()))], world=1), out)
+    torch.save(_step(name, [collate_to_torch(assemble(train_rows(CFG, seed=7)))], world=1), out)
     return out

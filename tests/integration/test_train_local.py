@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from otterhd_ray.data.buckets import assemble, collate_to_torch  # noqa: E402
 from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
+from tests.helpers import sample, train_rows  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 CFG = flavour_config("debug")
@@ -38,20 +38,10 @@ def _release_process_group():
 
 
 # ------------------------------------------------------------------------------------------ engines
-def _sample(rng: np.random.Generator, rows: int, cols: int, text: int, index: int) -> dict:
-    image = ([CFG.image_token_id] * cols + [CFG.image_token_id + 1]) * rows
-    ids = np.array(image + [CFG.bos_token_id] + rng.integers(20, 500, text).tolist(), np.int64)
-    labels = np.full_like(ids, -100)
-    labels[-text // 2:] = ids[-text // 2:]
-    patches = rng.integers(0, 256, (rows * cols, CFG.patch_dim), dtype=np.uint8)
-    return {"input_ids": ids, "labels": labels, "patches": patches, "sample_index": index}
-
-
 def _micro_batches() -> tuple[list[dict], dict]:
-    rng = np.random.default_rng(0)
-    samples = [_sample(rng, 2, 3, 9, 0), _sample(rng, 1, 4, 13, 1), _sample(rng, 3, 2, 6, 2)]
-    small = [collate_to_torch(assemble(samples[:1])), collate_to_torch(assemble(samples[1:]))]
-    return small, collate_to_torch(assemble(samples))
+    rows = train_rows(CFG, seed=0)
+    small = [collate_to_torch(assemble(rows[:1])), collate_to_torch(assemble(rows[1:]))]
+    return small, collate_to_torch(assemble(rows))
 
 
 def _one_step(engine_cfg: dict, batches: list[dict], total_tokens: int) -> dict[str, torch.Tensor]:
@@ -133,9 +123,9 @@ def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     ])
 
 
-def _run(cfg: FinetuneConfig, root: Path, resume_from=None, **extras) -> LocalContext:
+def _run(cfg: FinetuneConfig, root: Path, resume_from=None) -> LocalContext:
     ctx = LocalContext(root, resume_from=resume_from)
-    train_loop_per_worker({"config": cfg.model_dump(mode="json"), **extras}, ctx)
+    train_loop_per_worker({"config": cfg.model_dump(mode="json")}, ctx)
     return ctx
 
 
@@ -158,8 +148,9 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(data_dir, tmp_path, f
     losses = {r["step"]: r["loss"] for r in full_history}
     assert len(losses) >= 6
     cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2")
-    with pytest.raises(InjectedStop):
-        _run(cfg, tmp_path / "ckpt", stop_after_step=4)  # crashes one step after the checkpoint at step 3
+    with pytest.raises(InjectedStop):  # crashes one step after the checkpoint at step 3
+        _run(_cfg(data_dir, tmp_path, "train.checkpoint_every_steps=3", "train.gradient_accumulation_steps=2",
+                  "faults.stop_after_step=4"), tmp_path / "ckpt")
     ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]  # what survived the crash
     assert ckpt.name == "checkpoint_000003"
     _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
@@ -227,12 +218,9 @@ def test_export_loads_in_transformers_with_identical_logits(full_run, tmp_path):
                      attention="eager")
     ours.load_state_dict(consolidated_state_dict(ckpt))
     ours.eval()
-    rng = np.random.default_rng(1)
-    s = _sample(rng, 2, 3, 11, 0)
-    s["input_ids"][s["input_ids"] == CFG.image_token_id] = hf.config.image_token_id
-    s["input_ids"][s["input_ids"] == CFG.image_token_id + 1] = tok.convert_tokens_to_ids("|NEWLINE|")
-    ids = torch.from_numpy(s["input_ids"])
-    patches = torch.from_numpy(s["patches"])
+    ids, patches, _ = sample(CFG, 2, 3, 11, seed=1)
+    is_image, is_newline = ids == CFG.image_token_id, ids == CFG.image_token_id + 1
+    ids[is_image], ids[is_newline] = hf.config.image_token_id, tok.convert_tokens_to_ids("|NEWLINE|")
     with torch.no_grad():
         theirs = hf(input_ids=ids[None], image_patches=normalize_patches(patches)[None]).logits[0]
         mine = ours.logits(ours(ids, patches, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32),
@@ -249,13 +237,14 @@ def test_wandb_offline_run_is_written(full_run):
 
 def test_run_finetune_in_process_checkpoints_resumes_and_exports(data_dir, tmp_path):
     # ray.num_workers=0: the same loop in the driver process, checkpoints under storage_path/name.
+    from otterhd_ray.finetune import finetune
     from otterhd_ray.train.trainer import run_finetune
 
     overrides = ["ray.num_workers=0", f"ray.storage_path={tmp_path / 'ray'}", "ray.name=inproc",
                  "train.max_steps=2", "train.checkpoint_every_steps=1", "train.save_hf_model=true"]
-    result = run_finetune(_cfg(data_dir, tmp_path, *overrides))
-    assert Path(result.checkpoint.path).name == "checkpoint_000002"
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    outcome = finetune(_cfg(data_dir, tmp_path, *overrides))
+    assert Path(outcome.result.checkpoint.path).name == "checkpoint_000002"
+    assert outcome.hf_dir == tmp_path / "hf" and (tmp_path / "hf" / "model.safetensors").is_file()
     assert len(_history(tmp_path)) == 2
     # Run again with max_steps=3: it resumes from step 2, not from scratch... but the step budget changed,
     # so the schedule differs: refused with a clear error rather than silently training on a different one.

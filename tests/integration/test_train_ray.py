@@ -60,12 +60,13 @@ def _cfg(data_dir: Path, out: Path, *overrides: str):
 
 
 def test_killed_worker_restarts_and_every_sample_is_seen_once_per_epoch(ray_local, data_dir, tmp_path):
-    from otterhd_ray.train.trainer import run_finetune
+    from otterhd_ray.finetune import finetune
 
-    cfg = _cfg(data_dir, tmp_path, "deepspeed.stage=2", "ray.max_failures=1", "ray.name=kill-test",
-               "train.save_hf_model=true")
     marker = tmp_path / "killed.txt"
-    result = run_finetune(cfg, loop_extras={"fail_at_step": 3, "fail_rank": 1, "fail_marker": str(marker)})
+    cfg = _cfg(data_dir, tmp_path, "deepspeed.stage=2", "ray.max_failures=1", "ray.name=kill-test",
+               "train.save_hf_model=true", "faults.fail_at_step=3", "faults.fail_rank=1",
+               f"faults.fail_marker={marker}")
+    result = finetune(cfg).result
     assert marker.is_file(), "the fault was never injected"
     assert result.checkpoint is not None
 
@@ -124,7 +125,7 @@ def test_zero3_two_workers_train_and_rerun_resumes(ray_local, data_dir, tmp_path
 
 def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path):
     # configs/finetune/demo.yaml as committed (2 CPU workers, ZeRO-2 fp32, demo_data), paths moved to tmp.
-    from otterhd_ray.train.trainer import run_finetune
+    from otterhd_ray.finetune import finetune
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_finetune_config(root / "configs/finetune/demo.yaml", [
@@ -133,13 +134,13 @@ def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path)
         f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
         f"train.output_dir={tmp_path / 'out'}",
     ])
-    result = run_finetune(cfg)
+    outcome = finetune(cfg)  # train.demo_data: the entry point synthesises the data first
     history = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history]
     assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
     assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == 3 * 48
-    assert result.checkpoint is not None
-    assert (tmp_path / "out" / "hf" / "config.json").is_file()
+    assert outcome.result.checkpoint is not None
+    assert outcome.hf_dir == tmp_path / "out" / "hf" and (outcome.hf_dir / "config.json").is_file()
     # The loop's ray.util.metrics reach this node's Prometheus export (prefixed `ray_` by Ray).
     port = ray_local._private.worker._global_node.metrics_export_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

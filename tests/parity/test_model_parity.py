@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from otterhd_ray.models.fuyu import flavour_config, load_hf, new_model, normalize_patches, save_hf  # noqa: E402
 from otterhd_ray.ops.attention import available_backends  # noqa: E402
+from tests.helpers import sample  # noqa: E402
 
 CFG = flavour_config("debug")
 IMG, NL = CFG.image_token_id, CFG.image_token_id + 1
@@ -18,13 +19,8 @@ REL_TOL = 1e-5
 
 
 def make_sample(rows: int, cols: int, num_text: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuyu layout: rows x (cols |SPEAKER| + |NEWLINE|), then <s> and text; uint8 patches, one per |SPEAKER|."""
-    g = torch.Generator().manual_seed(seed)
-    image = ([IMG] * cols + [NL]) * rows
-    text = torch.randint(3, IMG, (num_text,), generator=g).tolist()
-    ids = torch.tensor(image + [CFG.bos_token_id] + text, dtype=torch.long)
-    patches = torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g)
-    return ids, patches
+    """(input_ids, uint8 patches) in Fuyu's layout (tests/helpers.py)."""
+    return sample(CFG, rows, cols, num_text, seed)[:2]
 
 
 SAMPLES = [make_sample(2, 3, 5, 0), make_sample(0, 0, 9, 1), make_sample(3, 4, 4, 2), make_sample(1, 2, 17, 3)]

@@ -108,7 +108,7 @@ def test_finetune_refuses_to_start_with_one_line(data, tmp_path, capsys, monkeyp
     from otterhd_ray.finetune import main as finetune_main
     from otterhd_ray.train import trainer
 
-    monkeypatch.setattr(trainer, "connect_ray", lambda cfg: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(trainer, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     folder = with_bad_file(data, tmp_path, "shard-00001b.parquet", CORRUPT)
     cfg_file = tmp_path / "ft.yaml"
     cfg_file.write_text("{}\n")
@@ -129,12 +129,12 @@ def test_data_stats_names_the_corrupt_file(data, tmp_path, capsys):
 
 
 def test_evaluate_names_the_corrupt_file(tmp_path):
-    from otterhd_ray.eval.magnifierbench import _rows_from_parquet
+    from otterhd_ray.eval.benchmarks.base import rows_from_parquet
 
     bad = tmp_path / "test-00000-of-00001.parquet"
     bad.write_bytes(CORRUPT)
     with pytest.raises(ValueError, match=f"{bad}: not a readable parquet file"):
-        list(_rows_from_parquet([bad]))
+        list(rows_from_parquet([bad]))
 
 
 def test_config_key():

@@ -1,13 +1,11 @@
 """The `otterhd` command: argument wiring and user-facing errors (the heavy paths are tested elsewhere)."""
 
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from otterhd_ray.cli import build_parser, main
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from tests.helpers import shared_fixture
 
 
 def test_help_lists_every_command(capsys):
@@ -29,10 +27,10 @@ def test_synth_then_convert_errors_cleanly(tmp_path, capsys):
     assert (tmp_path / "d" / "magnifierbench" / "data").is_dir()
 
 
-@pytest.mark.skipif(not (FIXTURES / "mimicit").is_dir(), reason="shared fixtures not beside the checkout")
 def test_convert_refuses_overwrite_without_flag(tmp_path, capsys):
-    argv = ["data", "convert", "--instructions", str(FIXTURES / "mimicit" / "SYN_instructions.json"),
-            "--images", str(FIXTURES / "mimicit" / "SYN.parquet"), "--out", str(tmp_path / "out")]
+    mimicit = shared_fixture("mimicit")
+    argv = ["data", "convert", "--instructions", str(mimicit / "SYN_instructions.json"),
+            "--images", str(mimicit / "SYN.parquet"), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     assert main(argv) == 2
     assert "otterhd: error:" in capsys.readouterr().err

@@ -60,3 +60,23 @@ def test_top_level_must_be_mapping(tmp_path):
     f.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_finetune_config(f)
+
+
+def test_misspelt_fault_key_is_rejected_naming_key_and_file(tmp_path):
+    # Fault injection is a typed section: a test whose fault key is misspelt fails instead of passing unarmed.
+    f = tmp_path / "faults.yaml"
+    f.write_text("faults:\n  fail_at_stepp: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_finetune_config(f)
+    assert "faults.fail_at_stepp" in str(err.value) and str(f) in str(err.value)
+    cfg = load_finetune_config(None, ["faults.stop_after_step=4"])
+    assert cfg.faults.stop_after_step == 4 and cfg.faults.fail_at_step is None
+    with pytest.raises(ConfigError, match="fail_marker"):
+        load_finetune_config(None, ["faults.fail_at_step=3"])  # the kill-once marker is required
+
+
+def test_loop_rejects_untyped_extras():
+    from otterhd_ray.train.loop import train_loop_per_worker
+
+    with pytest.raises(ValueError, match="fail_at_step"):
+        train_loop_per_worker({"config": FinetuneConfig().model_dump(mode="json"), "fail_at_step": 3})

@@ -22,8 +22,8 @@ from otterhd_ray.data.formats.common import ConvertStats
 from otterhd_ray.data.formats.mimicit import ParquetImages, convert_mimicit, decode_base64_image
 from otterhd_ray.data.shards import iter_shard_rows, list_shard_files
 from otterhd_ray.data.synth import write_mimicit
+from tests.helpers import shared_fixture
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "mimicit"
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -32,9 +32,8 @@ def mimicit(request, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(instructions, images, train config): the shared fixture files, and the same format written by synth
     (so the converter is tested from a clean clone too)."""
     if request.param == "shared":
-        if not (SHARED / "SYN.parquet").exists():
-            pytest.skip(f"shared MIMIC-IT fixtures not found at {SHARED}")
-        return SHARED / "SYN_instructions.json", SHARED / "SYN.parquet", SHARED / "SYN_train.json"
+        shared = shared_fixture("mimicit", "SYN.parquet").parent
+        return shared / "SYN_instructions.json", shared / "SYN.parquet", shared / "SYN_train.json"
     paths = write_mimicit(
         tmp_path_factory.mktemp("mimicit"), num_samples=8, seed=7, name="SYN", rows_per_group=3
     )

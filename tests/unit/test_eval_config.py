@@ -105,3 +105,24 @@ def test_key_sources_and_secrecy(monkeypatch):
     assert resolve_api_key(cfg.datasets[0], cfg.judge) == "sk-env-key-999"
     monkeypatch.delenv("OPENAI_API_KEY")
     assert resolve_api_key(cfg.datasets[0], cfg.judge) is None
+
+
+def test_all_benchmarks_config_lists_the_eight_and_seed_kwargs_parse(tmp_path):
+    cfg = load_benchmark_config(REPO / "configs/benchmark/all_benchmarks.yaml")
+    names = [d.name for d in cfg.datasets]
+    assert names == ["magnifierbench", "mme", "pope", "mmbench", "seedbench", "scienceqa", "mathvista", "mmvet"]
+    # The seed's per-dataset kwargs (Otter's MathVistaDataset etc.) parse; datasets without data_path get the hub id.
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        SEED_YAML.replace(
+            "models:",
+            "  - name: mathvista\n    split: testmini\n    api_key: [You GPT-4 API]\n    gpt_model: gpt-4-0613\n"
+            "    default_output_path: ./logs/MathVista\n    quick_extract: true\n  - name: pope\nmodels:",
+        )
+    )
+    ds = load_benchmark_config(path).datasets
+    assert (ds[1].data_path, ds[1].gpt_model, ds[1].quick_extract) == ("AI4Math/MathVista", "gpt-4-0613", True)
+    assert (ds[2].data_path, ds[2].split) == ("lmms-lab/POPE", "test")
+    path.write_text(SEED_YAML.replace("name: magnifierbench", "name: mmmu"))
+    with pytest.raises(ConfigError, match="unknown benchmark 'mmmu'"):
+        load_benchmark_config(path)

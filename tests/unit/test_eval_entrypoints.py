@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from otterhd_ray.evaluate import build_parser, main
+from tests.helpers import SHARED_FIXTURES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +46,7 @@ def test_seed_config_without_the_model_is_a_clear_error(tmp_path, capsys):
     bench = tmp_path / "bench"
     bench.mkdir()
     cfg = (REPO / "configs/benchmark/magnifierbench_seed.yaml").read_text()
-    cfg = cfg.replace("Otter-AI/MagnifierBench", str(Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench"))
+    cfg = cfg.replace("Otter-AI/MagnifierBench", str(SHARED_FIXTURES / "magnifierbench"))
     (tmp_path / "b.yaml").write_text(cfg + f"output_dir: {tmp_path / 'out'}\n")
     assert main(["--confg", str(tmp_path / "b.yaml")]) == 2
     assert "azure_storage/fuyu-8b" in capsys.readouterr().err

@@ -10,15 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from otterhd_ray.eval.benchmarks import format_for_model, get_benchmark
+from otterhd_ray.eval.benchmarks.magnifierbench import mc_prompt, split_instruction
 from otterhd_ray.eval.config import BenchDatasetSpec
-from otterhd_ray.eval.magnifierbench import (
-    format_for_model,
-    load_magnifierbench,
-    mc_prompt,
-    split_instruction,
-)
+from tests.helpers import shared_fixture
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench"
+
+def load_magnifierbench(spec: BenchDatasetSpec):
+    return get_benchmark("magnifierbench")(spec).load()
 
 
 def _png(color=(255, 0, 0)) -> bytes:
@@ -50,13 +49,14 @@ def _row(i: int, images: int = 1, instruction: str | None = None, answer: str = 
     }
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason="shared fixture absent")
 def test_loads_the_hf_fixture_layout():
-    res = load_magnifierbench(BenchDatasetSpec(data_path=str(FIXTURE)))
+    res = load_magnifierbench(BenchDatasetSpec(data_path=str(shared_fixture("magnifierbench"))))
     assert res.num_rows == 6 and len(res.items) == 6 and not res.skipped
     item = res.items[0]
-    assert item.question.endswith("?") and set(item.options) == {"A", "B", "C", "D"}
-    assert item.answer_text == item.options[item.answer]
+    doc = item.doc
+    assert doc["ff_question"].endswith("?") and set(doc["options"]) == {"A", "B", "C", "D"}
+    assert doc["ff_answer"] == doc["options"][doc["answer"]] and item.target == doc["answer"]
+    assert item.prompts == {"mc": doc["mc_question"], "ff": doc["ff_question"]}
     assert Image.open(io.BytesIO(item.image)).size[0] > 0
 
 

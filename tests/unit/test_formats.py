@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_format_fixtures import make_format_fixtures  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "fixtures"
+from tests.helpers import shared_fixture  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -180,12 +181,11 @@ def test_broken_files_are_named_and_counted_never_a_crash(fx, tmp_path):
 
 
 def test_real_format_shared_fixtures(tmp_path):
-    if not (SHARED / "magnifierbench").is_dir():
-        pytest.skip(f"shared fixtures not found at {SHARED}")
-    stats, rows, rejects = run(tmp_path / "mb", "auto", [SHARED / "magnifierbench"])
+    shared = shared_fixture()
+    stats, rows, rejects = run(tmp_path / "mb", "auto", [shared / "magnifierbench"])
     assert stats.format == "hf" and stats.num_samples == pq.read_metadata(
-        next((SHARED / "magnifierbench").rglob("*.parquet"))).num_rows and not rejects
-    stats, rows, _ = run(tmp_path / "mi", "auto", [SHARED / "mimicit" / "SYN_instructions.json"])
+        next((shared / "magnifierbench").rglob("*.parquet"))).num_rows and not rejects
+    stats, rows, _ = run(tmp_path / "mi", "auto", [shared / "mimicit" / "SYN_instructions.json"])
     assert stats.format == "mimicit" and stats.num_samples == 8
 
 

@@ -13,6 +13,7 @@ import torch
 
 from otterhd_ray.models.fuyu import flavour_config, new_model
 from otterhd_ray.models.fuyu.generate import _group_layout, prefix_groups
+from tests import helpers
 
 CFG = flavour_config("debug")
 IMG, NL, BOS = CFG.image_token_id, CFG.image_token_id + 1, CFG.bos_token_id
@@ -30,11 +31,7 @@ def text(n: int, seed: int) -> list[int]:
 
 
 def questions(rows: int, cols: int, num: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`num` prompts about one image (one patches tensor, as the predictor passes): image, <s>, common text,
-    then a question of its own (lengths differ)."""
-    ids, patches = image(rows, cols, seed)
-    head = ids + [BOS] + text(3, seed + 100)
-    return [(torch.tensor(head + text(2 + 3 * q, 10 * seed + q)), patches) for q in range(num)]
+    return helpers.questions(CFG, rows, cols, num, seed)
 
 
 def mixed_batch() -> list[tuple[torch.Tensor, torch.Tensor]]:

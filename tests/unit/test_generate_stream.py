@@ -7,18 +7,14 @@ import pytest
 import torch
 
 from otterhd_ray.models.fuyu import SamplingParams, flavour_config, new_model, prefix_groups, stream_generate
+from tests import helpers
 
 CFG = flavour_config("debug")
 IMG, NL, BOS = CFG.image_token_id, CFG.image_token_id + 1, CFG.bos_token_id
 
 
 def questions(rows: int, cols: int, num: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`num` prompts about one image (one patches tensor): image rows, <s>, common text, own question."""
-    g = torch.Generator().manual_seed(seed)
-    patches = torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g)
-    head = ([IMG] * cols + [NL]) * rows + [BOS] + torch.randint(3, IMG, (3,), generator=g).tolist()
-    return [(torch.tensor(head + torch.randint(3, IMG, (2 + 3 * q,), generator=g).tolist()), patches)
-            for q in range(num)]
+    return helpers.questions(CFG, rows, cols, num, seed)
 
 
 PROMPTS = questions(2, 3, 2, 0) + questions(0, 0, 1, 1) + questions(3, 2, 3, 2)

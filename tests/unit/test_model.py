@@ -10,40 +10,15 @@ from otterhd_ray.config import ModelConfig
 from otterhd_ray.models.fuyu import FuyuForCausalLM, build_model, flavour_config, new_model
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.ops.attention import available_backends
+from tests import helpers
+from tests.helpers import pack
 
 CFG = flavour_config("debug")
 IMG = CFG.image_token_id
 
 
 def sample(rows, cols, num_text, seed, num_targets=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(([IMG] * cols + [IMG + 1]) * rows + [1] + torch.randint(3, IMG, (num_text,), generator=g).tolist())
-    patches = torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g)
-    labels = torch.full_like(ids, -100)
-    if num_targets:
-        labels[-num_targets:] = ids[-num_targets:]
-    return ids, patches, labels
-
-
-def pack(samples):
-    """The packed micro-batch of docs/internals.md (targets shifted within each sample)."""
-    ids = torch.cat([s[0] for s in samples])
-    targets = []
-    for _, _, labels in samples:
-        t = torch.full_like(labels, -100)
-        t[:-1] = labels[1:]
-        targets.append(t)
-    lengths = [len(s[0]) for s in samples]
-    target_ids = torch.cat(targets)
-    return {
-        "input_ids": ids,
-        "target_ids": target_ids,
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
-        "max_seqlen": max(lengths),
-        "patches": torch.cat([s[1] for s in samples]),
-        "num_target_tokens": int((target_ids != -100).sum()),
-    }
+    return helpers.sample(CFG, rows, cols, num_text, seed, num_targets)
 
 
 SAMPLES = [sample(2, 3, 6, 0), sample(0, 0, 8, 1), sample(3, 2, 5, 2, num_targets=5), sample(1, 1, 1, 3, 1)]

@@ -17,8 +17,8 @@ from PIL import Image
 
 from otterhd_ray.data import synth
 from otterhd_ray.data.shards import SHARD_SCHEMA, iter_shard_rows, list_shard_files
+from tests.helpers import shared_fixture
 
-MAG_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "magnifierbench" / "data" / "test-00000-of-00001.parquet"
 pytestmark = pytest.mark.timeout(60)
 INSTRUCTION = re.compile(
     r"^(?P<q>[^?]+\?) A\. (?P<a>[^,]+), B\. (?P<b>[^,]+), C\. (?P<c>[^,]+), D\. (?P<d>[^,]+)$"
@@ -58,11 +58,10 @@ def test_train_shards_follow_the_schema(small):
     assert len({Image.open(io.BytesIO(r["image"])).size for r in rows}) > 20, "sizes must vary"
 
 
-@pytest.mark.skipif(not MAG_FIXTURE.exists(), reason="MagnifierBench fixture not available")
 def test_bench_has_exactly_the_hf_layout(small):
     out, _ = small
     ours = pq.read_schema(out / synth.BENCH_FILE)
-    theirs = pq.read_schema(MAG_FIXTURE)
+    theirs = pq.read_schema(shared_fixture("magnifierbench", "data", "test-00000-of-00001.parquet"))
     assert ours.equals(theirs, check_metadata=True)
     assert ours.metadata[b"huggingface"] == theirs.metadata[b"huggingface"]
 
