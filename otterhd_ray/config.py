@@ -113,6 +113,10 @@ class ModelConfig(Strict):
         "0: op-level policy instead (keep matmul/attention outputs, recompute norms, rotary, relu²)."
     )
     loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
+    lean_step: bool = Field(
+        False, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
+        "gradient); same values up to rounding. Helps small micro-batches (the seed's 8-sample batches)."
+    )
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
 
 

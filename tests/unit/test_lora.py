@@ -85,7 +85,8 @@ def test_peft_init_scale_and_frozen_base():
 
 @pytest.mark.parametrize("switch", [{"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
                                     {"activation_checkpointing": "selective", "selective_every": 0},
-                                    {"fused_ops": "compile"}])
+                                    {"fused_ops": "compile"}, {"lean_step": True},
+                                    {"lean_step": True, "fused_ops": "compile"}])
 def test_fused_and_checkpointed_paths_equal_reference(switch):
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=TARGETS)
     ref_loss, ref = grads(lora_model(spec), batch())
@@ -96,10 +97,12 @@ def test_fused_and_checkpointed_paths_equal_reference(switch):
         assert (got[name] - ref[name]).abs().max() <= 1e-5 * ref[name].abs().max(), name
 
 
-def test_chunked_loss_with_lm_head_adapter_equals_plain_autograd():
+@pytest.mark.parametrize("lean_step", [False, True])
+@pytest.mark.parametrize("chunk", [3, 4096])  # several chunks; one chunk (where lean_step defers the head's grad)
+def test_chunked_loss_with_lm_head_adapter_equals_plain_autograd(lean_step, chunk):
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=("dense", "lm_head", "vision_embed_tokens"))
-    model = lora_model(spec)
-    model.loss_chunk_size = 3  # several chunks
+    model = lora_model(spec, lean_step=lean_step)
+    model.loss_chunk_size = chunk
     b = batch()
     loss, got = grads(model, b)
     model.zero_grad(set_to_none=True)
