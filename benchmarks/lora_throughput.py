@@ -101,7 +101,7 @@ def bench_ours(cfg, samples, args, checkpointing: str, device, dtype) -> dict[st
     batches = tt.packed_batches(samples, args.max_tokens, device)
 
     def step(b):
-        loss_sum, num = model.loss(b)
+        loss_sum, num = model.loss(b["packed"])
         (loss_sum / max(num, 1)).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
