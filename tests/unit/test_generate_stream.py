@@ -145,3 +145,20 @@ def test_stream_does_not_leak_no_grad(model):
     next(steps)
     assert torch.is_grad_enabled()  # between steps the caller's grad mode holds
     assert len(list(steps)) == 2
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_the_next_step_is_queued_ahead_only_while_a_row_can_continue(model, share_prefix, monkeypatch):
+    """The step after the one being handed out is queued before its tokens are read (overlap), but never when
+    every row reaches its budget: max budget - 1 decode steps, as without the overlap."""
+    from otterhd_ray.models.fuyu import generate as gen
+
+    cls = gen._GroupedDecoding if share_prefix else gen._UnsharedDecoding
+    calls: list[int] = []
+    step = cls.step
+    monkeypatch.setattr(cls, "step", lambda self, next_B: calls.append(1) or step(self, next_B))
+    budgets = [5, 3, 1, 0, 5, 2]
+    rows, _ = collect(stream_generate(model, PROMPTS, [SamplingParams(n) for n in budgets],
+                                      share_prefix=share_prefix, min_shared_tokens=1))
+    assert [len(r) for r in rows] == budgets
+    assert len(calls) == max(budgets) - 1
