@@ -156,12 +156,14 @@ def _stream(
     sample = _Sampler(params, model.embed_tokens.weight.device)
     num_emitted = [0] * len(prompts)
     next_B = sample(decoding.prefill())
+    ahead = _queues_ahead(next_B.device)
     while True:
         tokens_B = _to_host(next_B)
-        # Queue the next step before waiting for this one's tokens: the device computes it while the host hands
-        # the tokens out (and the caller detokenises and streams them). Not queued when every row reaches its
-        # budget here; a step is computed in vain only when the last rows end on a stop id or a cancel.
-        if any(not e and num_emitted[b] + 1 < params[b].max_new_tokens for b, e in enumerate(ended)):
+        # On an asynchronous device, queue the next step before waiting for this one's tokens: the device computes
+        # it while the host hands the tokens out (and the caller detokenises and streams them). Not queued when
+        # every row reaches its budget here; a step is computed in vain only when the last rows end on a stop id
+        # or a cancel.
+        if ahead and any(not e and num_emitted[b] + 1 < params[b].max_new_tokens for b, e in enumerate(ended)):
             upcoming_B = sample(decoding.step(next_B))
         out = []
         for b, token in enumerate(tokens_B()):  # the step's one host sync (this step's tokens only)
@@ -174,7 +176,13 @@ def _stream(
         ended = [e or b in cancelled for b, e in enumerate(ended)]
         if all(ended):
             return
-        next_B = upcoming_B  # queued above: a row still going had room for another token
+        # queued above when ahead: a row still going had room for another token
+        next_B = upcoming_B if ahead else sample(decoding.step(next_B))
+
+
+def _queues_ahead(device: torch.device) -> bool:
+    """Queue a step ahead only where kernels run asynchronously: on CPU it would only delay the yield."""
+    return device.type == "cuda"
 
 
 def _to_host(x_B: torch.Tensor) -> Callable[[], list[int]]:
