@@ -242,8 +242,9 @@ def summarize(results: list[dict], wall: float, clients: int, stats: dict[str, A
     tokens = sum(r["tokens"] for r in ok)
     server = stats["summary"]
 
-    def p(key: str, q: str) -> float | None:
-        return server[key][q] if server.get(key) else None
+    def p(key: str, q: str) -> float | None:  # the client columns' quantiles, on the server's records
+        values = [rec[key] for rec in stats["requests"]]
+        return None if not values else statistics.median(values) if q == "p50" else _pct(values, 95)
 
     return {"method": label, "clients": clients, "requests": len(ok),
             "req_per_s": len(ok) / wall, "lat_p50": statistics.median(lat), "lat_p95": _pct(lat, 95),
