@@ -11,7 +11,7 @@ engines must apply no further scaling by the accumulation count; the data-parall
 `1 / world_size`.
 
 The model must expose `loss(batch: PackedBatch) -> (loss_sum, num_target_tokens)` (docs/internals.md). DeepSpeed
-only sees a `LossModule` wrapper whose `forward(batch=...)` calls it, so ZeRO-3's parameter-gathering hooks run
+only sees a `LossModule` wrapper whose `forward(batch)` calls it, so ZeRO-3's parameter-gathering hooks run
 (they live on module calls, not on arbitrary methods).
 """
 
@@ -40,10 +40,10 @@ DS_TAG = "deepspeed"
 
 
 class LossModule(nn.Module):
-    """`forward(batch=) -> (loss_sum, num_target_tokens)`: lets DeepSpeed/DDP call `model.loss` as a forward.
+    """`forward(batch) -> (loss_sum, num_target_tokens)`: lets DeepSpeed/DDP call `model.loss` as a forward.
 
-    Engines pass the batch by keyword: ZeRO-3's backward hooks scan a module's positional inputs for tensors and
-    warn about any other type (a `PackedBatch`); the batch's tensors never require grad, so they need no hook."""
+    DDP's input move and ZeRO-3's backward hooks look into tuples, lists and dicts only, so they leave a
+    `PackedBatch` as it is: the loop has already moved it, and none of its tensors requires grad."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -111,8 +111,8 @@ class TorchEngine(Engine):
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         if self._autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-                return self._module(batch=batch)
-        return self._module(batch=batch)
+                return self._module(batch)
+        return self._module(batch)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
         if self._ddp and not is_boundary:
@@ -208,7 +208,7 @@ class DeepSpeedEngine(Engine):
         return self._engine
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
-        return self._engine(batch=batch)
+        return self._engine(batch)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:
         # We own the boundaries (a short last step per epoch is allowed); DeepSpeed reduces and steps on them.
