@@ -44,7 +44,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_SIZE, flavour_config, new_model, normalize_patches  # noqa: E402
+from otterhd_ray.models.fuyu import (  # noqa: E402
+    IGNORE_INDEX,
+    PATCH_SIZE,
+    PackedBatch,
+    flavour_config,
+    new_model,
+    normalize_patches,
+)
 from otterhd_ray.models.fuyu.config import FuyuModelConfig  # noqa: E402
 
 BUCKETS = (448, 512, 768, 1024)
@@ -184,19 +191,19 @@ def packed_batches(
             t[:-1] = s.labels[1:]
             targets.append(t)
         target_ids = torch.from_numpy(np.concatenate(targets))
+        packed = PackedBatch(
+            input_ids=torch.from_numpy(np.concatenate([s.input_ids for s in group])),
+            target_ids=target_ids,
+            position_ids=torch.cat([torch.arange(n) for n in lengths]),
+            cu_seqlens=torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32),
+            max_seqlen=max(lengths),
+            patches=torch.from_numpy(np.concatenate([s.patches for s in group])),
+            num_target_tokens=int((target_ids != IGNORE_INDEX).sum()),
+        ).to(device)
+        # run_steps reads input_ids (for padding), real_tokens and samples, from either stack's batches
         out.append(
-            {
-                "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in group])).to(device),
-                "target_ids": target_ids.to(device),
-                "position_ids": torch.cat([torch.arange(n) for n in lengths]).to(device),
-                "cu_seqlens": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device),
-                "max_seqlen": max(lengths),
-                "patches": torch.from_numpy(np.concatenate([s.patches for s in group])).to(device),
-                "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
-                "real_tokens": sum(lengths),
-                "samples": len(group),
-                "useful_flops": useful_flops(cfg, group) if cfg is not None else float("nan"),
-            }
+            {"packed": packed, "input_ids": packed.input_ids, "real_tokens": sum(lengths), "samples": len(group),
+             "useful_flops": useful_flops(cfg, group) if cfg is not None else float("nan")}
         )
     return out
 
@@ -375,7 +382,7 @@ def bench_ours(
     )
 
     def step(b):
-        loss_sum, num = model.loss(b)
+        loss_sum, num = model.loss(b["packed"])
         (loss_sum / max(num, 1)).backward()
         for p in model.parameters():
             p.grad = None

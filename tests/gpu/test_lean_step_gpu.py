@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import IGNORE_INDEX, flavour_config, new_model
+from otterhd_ray.models.fuyu import IGNORE_INDEX, PackedBatch, flavour_config, new_model
 from otterhd_ray.ops import fused, loss
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +21,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def batch_of(shapes, num_targets: int = 8, seed: int = 0) -> dict:
+def batch_of(shapes, num_targets: int = 8, seed: int = 0) -> PackedBatch:
     """A packed micro-batch on the GPU: one sample per (rows, cols, text tokens) in `shapes`."""
     g = torch.Generator().manual_seed(seed)
     ids, patches, targets = [], [], []
@@ -35,15 +35,15 @@ def batch_of(shapes, num_targets: int = 8, seed: int = 0) -> dict:
         patches.append(torch.randint(0, 256, (rows * cols, CFG.patch_dim), dtype=torch.uint8, generator=g))
     lengths = [len(s) for s in ids]
     target_ids = torch.cat(targets)
-    return {
-        "input_ids": torch.cat(ids).to(DEV),
-        "target_ids": target_ids.to(DEV),
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]).to(DEV),
-        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEV),
-        "max_seqlen": max(lengths),
-        "patches": torch.cat(patches).to(DEV),
-        "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
-    }
+    return PackedBatch(
+        input_ids=torch.cat(ids),
+        target_ids=target_ids,
+        position_ids=torch.cat([torch.arange(n) for n in lengths]),
+        cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        max_seqlen=max(lengths),
+        patches=torch.cat(patches),
+        num_target_tokens=int((target_ids != IGNORE_INDEX).sum()),
+    ).to(DEV)
 
 
 SHAPES = [(6, 9, 40), (0, 0, 70), (10, 7, 25), (3, 20, 90)]

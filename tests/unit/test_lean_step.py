@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import flavour_config, new_model
+from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model
 
 CFG = flavour_config("debug")
 IMG = CFG.image_token_id
@@ -23,18 +23,18 @@ def sample(rows: int, cols: int, num_text: int, seed: int, num_targets: int = 3)
     return ids, patches, targets
 
 
-def pack(samples) -> dict:
+def pack(samples) -> PackedBatch:
     lengths = [len(s[0]) for s in samples]
     target_ids = torch.cat([s[2] for s in samples])
-    return {
-        "input_ids": torch.cat([s[0] for s in samples]),
-        "target_ids": target_ids,
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
-        "max_seqlen": max(lengths),
-        "patches": torch.cat([s[1] for s in samples]),
-        "num_target_tokens": int((target_ids != -100).sum()),
-    }
+    return PackedBatch(
+        input_ids=torch.cat([s[0] for s in samples]),
+        target_ids=target_ids,
+        position_ids=torch.cat([torch.arange(n) for n in lengths]),
+        cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        max_seqlen=max(lengths),
+        patches=torch.cat([s[1] for s in samples]),
+        num_target_tokens=int((target_ids != -100).sum()),
+    )
 
 
 SAMPLES = [sample(2, 3, 6, 0), sample(0, 0, 8, 1), sample(3, 2, 5, 2, num_targets=5), sample(1, 1, 1, 3, 1)]
@@ -68,13 +68,12 @@ def test_lean_embed_is_exactly_the_masked_scatter_merge():
     model = new_model(CFG, attention="eager")
     batch = pack(SAMPLES)
     with torch.no_grad():
-        ref = model.embed(batch["input_ids"], batch["patches"])
+        ref = model.embed(batch.input_ids, batch.patches)
         model.set_switches(lean_step=True)
-        out = model.embed(batch["input_ids"], batch["patches"])
+        out = model.embed(batch.input_ids, batch.patches)
     assert torch.equal(out, ref)
-    batch["patches"] = batch["patches"][:-1]
     with pytest.raises(RuntimeError, match="image patches"):
-        model.embed(batch["input_ids"], batch["patches"])
+        model.embed(batch.input_ids, batch.patches[:-1])
 
 
 SYNC_OPS = ("aten::masked_select", "aten::nonzero", "aten::item", "aten::_local_scalar_dense")

@@ -10,7 +10,7 @@ Decoding itself lives in `models/fuyu/generate.py` (`generate` here is a thin wr
 Every projection's tensors are read through `projection()` and computed by `ops.fused.project`: the one place a
 low-rank adapter hooks in (see docs/internals.md "Model API").
 
-No Ray, DeepSpeed or data code here (see docs/internals.md for the batch contract).
+No Ray, DeepSpeed or data code here (`inputs.PackedBatch` is the batch contract; docs/internals.md).
 
 Legend: T packed tokens, D hidden, H heads, K head dim, R rotary dims, P patches, C patch values (2700),
 B prompts, V vocabulary, N supervised rows.
@@ -31,7 +31,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from otterhd_ray.models.fuyu.attention import LayerAttention, PackedAttention
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.models.fuyu.generate import Prompts, generate
-from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, normalize_patches
+from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PackedBatch, normalize_patches
 from otterhd_ray.models.fuyu.lora import head_operands
 from otterhd_ray.ops.attention import resolve_attention
 from otterhd_ray.ops.fused import (
@@ -334,20 +334,20 @@ class FuyuForCausalLM(nn.Module):
         return self.logits(self.final_norm(x_BD)).float()
 
     # --------------------------------------------------------------------------------------------- loss
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         """(sum of token cross-entropies over supervised positions, their count) for one packed micro-batch.
 
         Only the supervised rows reach the LM head, in chunks of `loss_chunk_size`: the [T, V] logits never exist.
         """
-        hidden_TD = self(
-            batch["input_ids"], batch.get("patches"), batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"]
-        )
-        targets_T = batch["target_ids"]
+        if not isinstance(batch, PackedBatch):  # a dict of the old contract, or the data layer's MicroBatch
+            raise TypeError(f"loss takes a PackedBatch (models/fuyu/inputs.py), got {type(batch).__name__}; "
+                            "a data-pipeline MicroBatch carries it as `.packed`")
+        hidden_TD = self(batch.input_ids, batch.patches, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        targets_T = batch.target_ids
         supervised_T = targets_T != IGNORE_INDEX
-        num = batch.get("num_target_tokens")
+        num = batch.num_target_tokens
         if num is None:
             num = int(supervised_T.sum())  # host sync; the packer provides the count to avoid it
-        num = int(num)
         # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
         rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
         # The chunked loss takes one weight: an adapter on lm_head joins it as extra columns (lora.head_operands).
