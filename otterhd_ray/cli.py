@@ -7,7 +7,7 @@
     otterhd data validate --format ... INPUT...                                   (same report, writes nothing)
     otterhd data stats --config FILE [key.path=value ...]
     otterhd finetune --config FILE [key.path=value ...]
-    otterhd export CHECKPOINT OUT_DIR
+    otterhd export CHECKPOINT OUT_DIR [--merge | --adapter-only]
     otterhd evaluate --config FILE            (--confg accepted, as the seed's README spells it)
     otterhd evaluate --predictions FILE (--config FILE | --benchmark NAME [--data-path P])
     otterhd serve --model DIR [--adapter DIR] [--replicas N] [--gpus-per-replica G] [--port P]
@@ -111,8 +111,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from otterhd_ray.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"exported HF model to {out}")
+    out = export_checkpoint(args.checkpoint, args.out_dir, merge=args.merge, adapter_only=args.adapter_only)
+    print(f"exported {'PEFT adapter' if args.adapter_only else 'HF model'} to {out}")
     return 0
 
 
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="training checkpoint -> HF model directory")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge", action="store_true", help="LoRA: merge the adapters into the base (the default)")
+    kind.add_argument("--adapter-only", action="store_true", help="LoRA: a PEFT adapter directory")
     p.set_defaults(func=_cmd_export)
 
     from otterhd_ray.evaluate import build_parser as evaluate_parser

@@ -113,7 +113,31 @@ class ModelConfig(Strict):
         "0: op-level policy instead (keep matmul/attention outputs, recompute norms, rotary, relu²)."
     )
     loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
+    lean_step: bool = Field(
+        False, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
+        "gradient); same values up to rounding. Helps small micro-batches (the seed's 8-sample batches)."
+    )
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
+
+
+LoraTarget = Literal["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head", "vision_embed_tokens"]
+
+
+class LoraConfig(Strict):
+    """Low-rank adapters (peft's LoRA maths and init); the base stays frozen, only adapters are trained."""
+
+    enabled: bool = False
+    r: int = Field(64, gt=0, description="Rank (Otter's recipe: 64; Mantis: 128).")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: scale = alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input (training only).")
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        description="HF module names to adapt in every layer; lm_head and vision_embed_tokens are optional.",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scale alpha / sqrt(r).")
+    init_from: str | None = Field(
+        None, description="PEFT adapter directory to start from (continued training); its r and targets must match."
+    )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -253,6 +277,7 @@ class WandbConfig(Strict):
 class FinetuneConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -265,6 +290,8 @@ class FinetuneConfig(Strict):
     def _tokenizer_defaults_to_model(self) -> FinetuneConfig:
         if self.data.tokenizer_path is None and self.model.path is not None:
             self.data.tokenizer_path = self.model.path
+        if self.lora.init_from and not self.lora.enabled:
+            raise ValueError("lora.init_from is set but lora.enabled is false")
         return self
 
 

@@ -4,7 +4,7 @@ The seed's `benchmark.yaml` (OtterHD's `pipeline/benchmarks/evaluate.py`) parses
 
     datasets: [{name: magnifierbench | mme | pope | mmbench | seedbench | scienceqa | mathvista | mmvet,
                 split, data_path, prompt, api_key, ...}]
-    models:   [{name: fuyu | otterhd, model_path, resolution}]
+    models:   [{name: fuyu | otterhd, model_path, adapter_path (optional PEFT LoRA dir), resolution}]
     output:   evaluation.txt          # optional, the seed's log file
 
 Our keys sit beside them at the top level (output dir, actors, batch size, ...) and under `judge:`. Every
@@ -108,6 +108,10 @@ class BenchModelSpec(Strict):
         description="Prompt convention: fuyu = the raw question; otterhd = `User: {q} Assistant:`."
     )
     model_path: str = Field(description="Local HF Fuyu directory (ours or adept/fuyu-8b layout).")
+    adapter_path: str | None = Field(
+        None, description="PEFT LoRA adapter directory applied to model_path (ours or made with peft); merged once "
+        "at load, so decoding runs at the base model's speed."
+    )
     resolution: int = Field(
         -1, description="Resize the image's short side to this before the 1080x1920 cap; -1: native size."
     )
@@ -122,7 +126,11 @@ class BenchModelSpec(Strict):
 
     @property
     def display_name(self) -> str:
-        return self.label or f"{self.name}:{Path(self.model_path.rstrip('/')).name or self.model_path}"
+        if self.label:
+            return self.label
+        name = f"{self.name}:{Path(self.model_path.rstrip('/')).name or self.model_path}"
+        # base and base + adapter in one YAML must not share a run directory (results.jsonl would be overwritten)
+        return f"{name}+{Path(self.adapter_path.rstrip('/')).name}" if self.adapter_path else name
 
 
 class JudgeConfig(Strict):

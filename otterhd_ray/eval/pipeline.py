@@ -70,6 +70,7 @@ def run_fingerprint(model: BenchModelSpec, dataset: BenchDatasetSpec, max_new_to
     ds_key += [v for v in (dataset.config, dataset.post_prompt) if v is not None]
     key = {
         "model": [model.name, str(Path(model.model_path).expanduser().resolve()), model.resolution],
+        **({"adapter": str(Path(model.adapter_path).expanduser().resolve())} if model.adapter_path else {}),
         "dataset": ds_key,
         "max_new_tokens": max_new_tokens,
     }
@@ -158,6 +159,7 @@ def _predict_stream(
             "device": cfg.device,
             "dtype": cfg.dtype,
             "preprocess_threads": cfg.preprocess_threads,
+            **({"adapter_path": model.adapter_path} if model.adapter_path else {}),
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=cfg.gpus_per_actor or None,
@@ -401,7 +403,10 @@ def evaluate_one(
     ordered = [scorer.records[i] for i in items if i in scorer.records]
     _rewrite_sorted(run_dir / RESULTS_FILE, ordered)
     metrics = run_metrics(cfg, bench, loaded, ordered, failed, scorer.ctx.judge, run_dir)
-    metrics.update(model=model.display_name, model_name=model.name, model_path=model.model_path)
+    metrics.update(
+        model=model.display_name, model_name=model.name, model_path=model.model_path,
+        adapter_path=model.adapter_path,
+    )
     metrics.update(
         resolution=model.resolution, prediction_error=prediction_error, max_new_tokens=max_new_tokens
     )
@@ -534,6 +539,8 @@ def run_evaluation(
                         f"model_path {model.model_path!r} is not a local directory; download the HF model "
                         "(e.g. adept/fuyu-8b) and point model_path at it"
                     )
+                if model.adapter_path and not Path(model.adapter_path).expanduser().is_dir():
+                    raise ValueError(f"adapter_path {model.adapter_path!r} is not a local PEFT adapter directory")
     start = time.perf_counter()
     loaded = _load_all(cfg)
     started = connect(cfg.ray_address)  # True: this run initialised Ray (and shuts it down)
@@ -662,7 +669,10 @@ def score_predictions_file(
                 "%d prediction ids are not items of %s (first: %s)", len(unknown), ds.name, unknown[0]
             )
         run["counts"]["unknown_ids"] = len(unknown)
-        run.update(model=label, model_name="", model_path=str(path), resolution=None, prediction_error="")
+        run.update(
+            model=label, model_name="", model_path=str(path), adapter_path=None, resolution=None,
+            prediction_error="",
+        )
         run["timing"] = {
             "wall_s": time.perf_counter() - t0,
             "predict_s": 0.0,

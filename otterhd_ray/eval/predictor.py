@@ -68,12 +68,19 @@ class Predictor:
         dtype: str = "auto",
         preprocess_threads: int = 4,
         share_prefix: bool = True,
+        adapter_path: str | None = None,
     ) -> None:
         from otterhd_ray.data.tokenizer import load_tokenizer
         from otterhd_ray.models.fuyu.hf import load_hf
 
         device = pick_device(device)
         model = load_hf(model_path, dtype=pick_dtype(dtype, device), device=device)
+        if adapter_path:
+            from otterhd_ray.models.fuyu.lora import remove_lora  # noqa: PLC0415
+            from otterhd_ray.models.fuyu.peft import load_peft_adapter  # noqa: PLC0415
+
+            load_peft_adapter(model, adapter_path)
+            remove_lora(model, merge_first=True)  # merged once: decoding costs what the base costs
         self._setup(
             model,
             load_tokenizer(model_path),

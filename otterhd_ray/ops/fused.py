@@ -10,6 +10,8 @@ Modes (`ModelConfig.fused_ops`):
              LayerNorm, qk-norm, the rotary and relu² into few kernels around the matmuls (one graph for every
              packed length);
 - `liger`/`triton`: Liger-Kernel's Triton LayerNorm for the block and qk norms (imported lazily; GPU only).
+`compile` also compiles the loss's per-chunk softmax/gradient math (`ops.loss.softmax_grad_fused`), which the
+model uses when its `lean_step` switch is on.
 `auto` is `compile` on CUDA and `none` on CPU. The parameters and the checkpoint layout are the same in every
 mode; the test suite compares each mode with the reference.
 
@@ -25,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from otterhd_ray.ops.loss import SoftmaxGrad, softmax_grad_fused, softmax_grad_reference
 
 MODES = ("none", "compile", "liger", "triton")
 
@@ -64,16 +68,27 @@ def rotary_cos_sin(
 
 
 class Projection(NamedTuple):
-    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them."""
+    """The tensors of one linear projection (`y = x W^T + b`), as the glue functions receive them, with the
+    factors of its LoRA adapter when it has one (models/fuyu/lora.py; `lora_A` None: no adapter or merged)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    lora_A: torch.Tensor | None = None  # [R, in]
+    lora_B: torch.Tensor | None = None  # [out, R]
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0  # applied to the adapter's input while training only
 
 
-def project(x: torch.Tensor, p: Projection) -> torch.Tensor:
+def project(x: torch.Tensor, p: Projection, training: bool = False) -> torch.Tensor:
     """Every projection of the model is computed here (the QKV, dense and MLP matmuls inside the glue, the patch
-    embedding and the LM head outside it): the one place where a low-rank adapter adds its update."""
-    return F.linear(x, p.weight, p.bias)
+    embedding and the LM head outside it): the one place where a low-rank adapter adds its update,
+    x W^T + b + (dropout(x) A^T) B^T * scale, as two thin matmuls (W + B A scale is never materialised)."""
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora_A is None:
+        return y
+    if p.lora_dropout > 0.0 and training:
+        x = F.dropout(x, p.lora_dropout, training=True)
+    return y + F.linear(F.linear(x, p.lora_A), p.lora_B) * p.lora_scale
 
 
 @dataclass
@@ -92,6 +107,7 @@ class LayerWeights:
     ln2_b: torch.Tensor
     up: Projection
     down: Projection
+    training: bool = False  # adapter dropout is active only while training
 
 
 def attn_in(
@@ -104,7 +120,7 @@ def attn_in(
     norm: Callable = layer_norm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h_TD = norm(x_TD, w.ln1_w, w.ln1_b, eps)
-    qkv = project(h_TD, w.qkv)
+    qkv = project(h_TD, w.qkv, w.training)
     # HF lays the fused projection out per head as [q, k, v] (view(T, H, 3, K)), not [all q, all k, all v].
     qkv_TH3K = qkv.view(qkv.shape[0], num_heads, 3, -1)
     q, k, v = qkv_TH3K[:, :, 0], qkv_TH3K[:, :, 1], qkv_TH3K[:, :, 2]
@@ -120,9 +136,9 @@ def attn_in(
 def attn_out(
     x_TD: torch.Tensor, o_THK: torch.Tensor, w: LayerWeights, eps: float, norm: Callable = layer_norm
 ) -> torch.Tensor:
-    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense)
+    x_TD = x_TD + project(o_THK.reshape(o_THK.shape[0], -1), w.dense, w.training)
     h_TD = norm(x_TD, w.ln2_w, w.ln2_b, eps)
-    return x_TD + project(relu2(project(h_TD, w.up)), w.down)
+    return x_TD + project(relu2(project(h_TD, w.up, w.training)), w.down, w.training)
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -134,6 +150,7 @@ class FusedOps:
     attn_in: Callable
     attn_out: Callable
     layer_norm: Callable
+    softmax_grad: SoftmaxGrad = softmax_grad_reference  # the loss's per-chunk math (ops/loss.py)
 
 
 def _liger_layer_norm() -> Callable:
@@ -163,6 +180,18 @@ def _token_dynamic(fn: Callable) -> Callable:
     return run
 
 
+def _rows_dynamic(fn: SoftmaxGrad) -> SoftmaxGrad:
+    """torch.compile the loss's per-chunk math with the row count symbolic (it changes every micro-batch)."""
+    compiled = torch.compile(fn)
+
+    def run(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int):
+        torch._dynamo.maybe_mark_dynamic(logits_NV, 0)
+        torch._dynamo.maybe_mark_dynamic(targets_N, 0)
+        return compiled(logits_NV, targets_N, ignore_index)
+
+    return run
+
+
 def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     """Turn `ModelConfig.fused_ops` into callables for `device`, or raise ValueError naming the fix."""
     device = torch.device(device)
@@ -171,7 +200,10 @@ def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     if mode == "none":
         return FusedOps("none", attn_in, attn_out, layer_norm)
     if mode == "compile":
-        return FusedOps("compile", _token_dynamic(attn_in), _token_dynamic(attn_out), _token_dynamic(layer_norm))
+        return FusedOps(
+            "compile", _token_dynamic(attn_in), _token_dynamic(attn_out), _token_dynamic(layer_norm),
+            _rows_dynamic(softmax_grad_fused),
+        )
     if mode in ("liger", "triton"):
         if device.type != "cuda":
             raise ValueError(f"fused_ops={mode!r} runs Triton kernels and needs a CUDA device; use 'compile' or 'none'")

@@ -5,7 +5,6 @@ No Ray here: the Serve deployment, the chat command and the tests all build thro
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from otterhd_ray.serve.app import ChatService
@@ -17,19 +16,14 @@ from otterhd_ray.serve.options import ServeOptions
 
 
 def load_adapter_into(model: Any, adapter_dir: str) -> Any:
-    """Attach a PEFT LoRA adapter directory with the model package's loader (`models/fuyu/peft.py`,
-    `load_peft_adapter`), then merge it into the base weights once: serving pays no per-token adapter matmuls.
-    Where the package has no LoRA support the option is refused, never ignored."""
-    try:
-        peft = importlib.import_module("otterhd_ray.models.fuyu.peft")
-        lora = importlib.import_module("otterhd_ray.models.fuyu.lora")
-    except ImportError:
-        raise ValueError(
-            f"--adapter {adapter_dir}: this install has no LoRA support (otterhd_ray.models.fuyu.peft); serve a "
-            "merged export instead (`otterhd export --merge`)"
-        ) from None
-    peft.load_peft_adapter(model, adapter_dir)
-    return lora.remove_lora(model, merge_first=True)
+    """Attach a PEFT LoRA adapter directory (ours or made with peft; `models/fuyu/peft.py::load_peft_adapter`
+    checks it against the model), then merge it into the base weights once: serving pays no per-token adapter
+    matmuls."""
+    from otterhd_ray.models.fuyu.lora import remove_lora
+    from otterhd_ray.models.fuyu.peft import load_peft_adapter
+
+    load_peft_adapter(model, adapter_dir)
+    return remove_lora(model, merge_first=True)
 
 
 def load_engine(options: ServeOptions) -> Engine:

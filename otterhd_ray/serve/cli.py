@@ -80,6 +80,10 @@ def serve_main(args: argparse.Namespace) -> int:
         opts.api_key()  # fail here, not in every replica, when the variable is missing
     if not os.path.isdir(opts.model):
         raise ValueError(f"--model {opts.model}: no such directory")
+    if opts.adapter:
+        from otterhd_ray.models.fuyu.peft import read_spec
+
+        read_spec(opts.adapter)  # a bad adapter directory fails here, named, not later in every replica
     gpus = args.gpus_per_replica
     if gpus is None:
         import torch

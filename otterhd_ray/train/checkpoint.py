@@ -8,6 +8,7 @@ the ranks' directories into one in `storage_path` when they all call `ray.train.
     train_state.json              step / epoch / data position / counters (rank 0; identical on every rank)
     rng_rank{r}.pt                python, numpy, torch (and CUDA) RNG states of rank r
     tokenizer/                    copy of the tokenizer directory (rank 0), so export needs nothing else
+    base/                         LoRA on a random-init base only: that base as an HF dir (export merges into it)
     model.pt, optimizer.pt        TorchEngine, or
     deepspeed/...                 DeepSpeedEngine (`save_checkpoint(tag="deepspeed")`, per-rank ZeRO shards)
     COMPLETE_rank{r}              written last by each rank: a merged directory missing one is incomplete
@@ -35,6 +36,7 @@ CONFIG_FILE = "finetune_config.json"
 MODEL_CONFIG_FILE = "model_config.json"  # our FuyuModelConfig as HF keys (export rebuilds the model from it)
 STATE_FILE = "train_state.json"
 TOKENIZER_DIR = "tokenizer"
+LORA_BASE_DIR = "base"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
@@ -103,10 +105,12 @@ def save_training_checkpoint(
     config_json: str,
     tokenizer_dir: str | Path | None,
     extra_files: dict[str, str] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> None:
     """Write this rank's part of a checkpoint into `directory` (all ranks call it; it does not report).
 
-    `extra_files`: small text files rank 0 adds (the model shape for export)."""
+    `extra_files`: small text files rank 0 adds (the model shape for export); `extra_dirs`: directories rank 0
+    copies in (a LoRA run's random base)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save(directory)
@@ -117,6 +121,8 @@ def save_training_checkpoint(
         _copy_tokenizer(tokenizer_dir, directory / TOKENIZER_DIR)
         for name, text in (extra_files or {}).items():
             (directory / name).write_text(text)
+        for name, src in (extra_dirs or {}).items():
+            shutil.copytree(src, directory / name)
     (directory / complete_marker(rank)).write_text("ok\n")
 
 

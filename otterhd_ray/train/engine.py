@@ -139,7 +139,7 @@ class TorchEngine(Engine):
         directory = Path(directory)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:  # replicas are identical under DDP
-            torch.save(self.model.state_dict(), directory / TORCH_MODEL_FILE)
+            torch.save(_trainable_state(self.model), directory / TORCH_MODEL_FILE)
             torch.save(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                 directory / TORCH_OPTIM_FILE,
@@ -147,7 +147,7 @@ class TorchEngine(Engine):
 
     def load(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.model.load_state_dict(torch.load(directory / TORCH_MODEL_FILE, map_location=self.device))
+        _load_trainable(self.model, torch.load(directory / TORCH_MODEL_FILE, map_location=self.device))
         state = torch.load(directory / TORCH_OPTIM_FILE, map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -231,11 +231,15 @@ class DeepSpeedEngine(Engine):
 
     def save(self, directory: str | Path) -> None:
         # save_latest=False: the Ray checkpoint directory is the unit of "latest", not DeepSpeed's tag file.
-        self._engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        # With LoRA the frozen base is left out: a checkpoint holds the adapters and their optimizer state only.
+        self._engine.save_checkpoint(
+            str(directory), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=_has_lora(self.model)
+        )
 
     def load(self, directory: str | Path) -> None:
         path, _ = self._engine.load_checkpoint(
-            str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=not _has_lora(self.model),
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
@@ -243,6 +247,29 @@ class DeepSpeedEngine(Engine):
     @property
     def lr(self) -> float:
         return float(self._engine.get_lr()[0])
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return getattr(model, "lora_spec", None) is not None
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict, or with LoRA only the adapters (the base is frozen and comes from model.path)."""
+    state = model.state_dict()
+    if not _has_lora(model):
+        return state
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if not _has_lora(model):
+        model.load_state_dict(state)
+        return
+    expected = set(_trainable_state(model))
+    if set(state) != expected:
+        raise ValueError(f"checkpoint adapters do not match the model's: {sorted(set(state) ^ expected)[:4]}")
+    model.load_state_dict(state, strict=False)
 
 
 def _single_process_env() -> None:

@@ -40,6 +40,7 @@ import torch
 
 from otterhd_ray.config import FaultsConfig, FinetuneConfig
 from otterhd_ray.train.checkpoint import (
+    LORA_BASE_DIR,
     MODEL_CONFIG_FILE,
     TrainState,
     load_training_checkpoint,
@@ -168,7 +169,12 @@ def build_model_for(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Modul
     # DeepSpeed bf16 keeps fp32 masters in the optimizer, so the module itself is bf16; the plain torch engine
     # keeps fp32 weights and autocasts instead (AdamW on bf16 weights would lose small updates).
     dtype = torch.bfloat16 if precision == "bf16" and cfg.deepspeed.enabled else torch.float32
-    return build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    model = build_model(cfg.model, dtype=dtype, device=device, tokenizer=tokenizer)
+    if cfg.lora.enabled:
+        from otterhd_ray.models.fuyu.peft import apply_lora_config
+
+        apply_lora_config(model, cfg.lora)  # base frozen: only the adapters reach the optimizer
+    return model
 
 
 class PipelineSource:
@@ -278,6 +284,7 @@ def train_loop_per_worker(
     # ZeRO-3 or torch run correct without relying on it), then a per-rank stream for everything else.
     _seed_everything(cfg.train.seed)
     model = (model_factory or build_model_for)(cfg, device)
+    base_dirs = _random_base_snapshot(cfg, model, rank)
     _seed_everything(cfg.train.seed + 1000 * (rank + 1))
     data = (data_source_factory or build_data_source)(cfg, rank, world)
     steps_per_epoch = plan_steps(cfg, data)
@@ -297,7 +304,21 @@ def train_loop_per_worker(
             f"the checkpoint's run had {state.total_steps} optimizer steps, this config gives {total_steps}: "
             "resume with the same data, epochs, accumulation and workers"
         )
-    return _run(cfg, ctx, engine, data, state, device)
+    return _run(cfg, ctx, engine, data, state, device, base_dirs)
+
+
+def _random_base_snapshot(cfg: FinetuneConfig, model: torch.nn.Module, rank: int) -> dict[str, Path]:
+    """LoRA on a randomly initialised base (no model.path: the demo, CI): the base has no other home, so it is
+    written once here (before any engine converts or partitions it) and copied into every checkpoint as `base/`,
+    which export needs to merge. With model.path a checkpoint holds the adapters only."""
+    if not cfg.lora.enabled or cfg.model.path or getattr(model, "lora_spec", None) is None:
+        return {}
+    from otterhd_ray.models.fuyu.hf import save_hf
+
+    base = Path(cfg.train.output_dir) / "lora_base"
+    if rank == 0:
+        save_hf(model, base, base_only=True)
+    return {LORA_BASE_DIR: base}
 
 
 def _run(
@@ -307,6 +328,7 @@ def _run(
     data: DataSource,
     state: TrainState,
     device: torch.device,
+    base_dirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     rank, world, gas = ctx.rank, ctx.world_size, cfg.train.gradient_accumulation_steps
     total = state.total_steps
@@ -330,7 +352,7 @@ def _run(
         tmp = tempfile.mkdtemp(prefix=f"step{state.global_step}_rank{rank}_", dir=staging)
         try:
             save_training_checkpoint(
-                tmp, engine, state, rank, config_json, cfg.data.tokenizer_path, extra_files
+                tmp, engine, state, rank, config_json, cfg.data.tokenizer_path, extra_files, base_dirs
             )
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()  # every rank's files are written before any report

@@ -43,12 +43,13 @@ def flops_per_token(model: torch.nn.Module, mean_seq_len: float) -> float:
     """Training FLOPs per token (see the module docstring)."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     # ZeRO-3 leaves each rank an empty 1-D shard; DeepSpeed keeps the full shape in `ds_shape`.
-    shapes = [(id(p), tuple(getattr(p, "ds_shape", p.shape))) for p in model.parameters()]
-    n_matmul = sum(math.prod(shape) for pid, shape in shapes if len(shape) >= 2 and pid not in embeddings)
+    shapes = [(id(p), tuple(getattr(p, "ds_shape", p.shape)), p.requires_grad) for p in model.parameters()]
+    matmuls = [(math.prod(shape), grad) for pid, shape, grad in shapes if len(shape) >= 2 and pid not in embeddings]
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
-    return 6.0 * n_matmul + 6.0 * layers * hidden * mean_seq_len
+    # A frozen weight (the base under LoRA) costs forward + input gradient (4 per parameter), no weight gradient.
+    return sum((6.0 if grad else 4.0) * n for n, grad in matmuls) + 6.0 * layers * hidden * mean_seq_len
 
 
 class WindowAccumulator:

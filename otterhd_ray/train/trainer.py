@@ -37,7 +37,7 @@ def resolve_paths(cfg: FinetuneConfig) -> FinetuneConfig:
     for spec in cfg.data.datasets:
         spec.path = _absolute(spec.path)
     for section, key in ((cfg.data, "tokenizer_path"), (cfg.model, "path"), (cfg.data, "rejects_path"),
-                         (cfg.data, "index_cache_dir")):
+                         (cfg.data, "index_cache_dir"), (cfg.lora, "init_from")):
         if getattr(section, key):
             setattr(section, key, _absolute(getattr(section, key)))
     path = cfg.eval.data_path if cfg.eval is not None else ""

@@ -283,22 +283,14 @@ def test_chat_session_streams_and_keeps_history(server, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_adapter_option_loads_and_merges_or_refuses_clearly(model_dir, tmp_path):
-    import importlib
+def test_adapter_option_loads_merges_and_refuses_clearly(model_dir, tmp_path):
+    import json
 
     import torch
 
+    from otterhd_ray.models.fuyu import load_hf, lora, peft
     from otterhd_ray.serve.build import load_engine
     from otterhd_ray.serve.options import ServeOptions
-
-    try:
-        peft = importlib.import_module("otterhd_ray.models.fuyu.peft")
-        lora = importlib.import_module("otterhd_ray.models.fuyu.lora")
-    except ImportError:
-        with pytest.raises(ValueError, match="no LoRA support"):
-            load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path), device="cpu"))
-        return
-    from otterhd_ray.models.fuyu import load_hf
 
     # A non-trivial adapter: random A and B, saved as PEFT files; the served model must answer like base+adapter.
     model = load_hf(model_dir)
@@ -310,9 +302,21 @@ def test_adapter_option_loads_and_merges_or_refuses_clearly(model_dir, tmp_path)
                 param.normal_(0, 0.5)
     peft.save_peft_adapter(model, tmp_path / "adapter")
     engine = load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path / "adapter"), device="cpu"))
+    assert not lora.has_lora(engine.model)  # merged once at load: plain projections while serving
     base = load_engine(ServeOptions(model=str(model_dir), device="cpu"))
     img = image_bytes(7)
-    with_adapter, _ = offline_answer(model.eval(), engine, "What is this?", img, 6)
+    with_adapter, _ = offline_answer(model.eval(), engine, "What is this?", img, 6)  # unmerged adapter path
     served, _ = offline_answer(engine.model, engine, "What is this?", img, 6)
     plain, _ = offline_answer(base.model, base, "What is this?", img, 6)
     assert served == with_adapter and served != plain
+    lora.merge(model)
+    merged = model.state_dict()
+    for k, v in engine.model.state_dict().items():
+        torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-6, msg=k)
+
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path), device="cpu"))
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_engine(ServeOptions(model=str(model_dir), adapter=str(tmp_path / "adapter"), device="cpu"))

@@ -192,15 +192,23 @@ def _max_layer(keys: set[str], layout: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def save_hf(model: FuyuForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `model` as an HF directory (config.json + safetensors, sharded above `max_shard_bytes`)."""
+def save_hf(
+    model: FuyuForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30, base_only: bool = False
+) -> None:
+    """Write `model` as an HF directory (config.json + safetensors, sharded above `max_shard_bytes`).
+
+    `base_only`: a model with (unmerged) LoRA adapters is written without them (the frozen base)."""
     from safetensors.torch import save_file
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     mapping = key_map(cfg, "v5")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if getattr(model, "lora_spec", None) is not None and not base_only:
+        raise ValueError("the model has LoRA adapters: merge them (lora.remove_lora) or pass base_only=True; "
+                         "save adapters with peft.save_peft_adapter")
+    # Adapter tensors (`.lora.` keys) are never part of an HF base directory.
+    state = {k: v.detach() for k, v in model.state_dict().items() if ".lora." not in k}
     if set(state) != set(mapping):
         raise ValueError(f"model parameters do not match the key map: {sorted(set(state) ^ set(mapping))[:8]}")
     dtype = next(iter(state.values())).dtype

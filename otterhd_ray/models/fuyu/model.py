@@ -32,6 +32,7 @@ from otterhd_ray.models.fuyu.attention import LayerAttention, PackedAttention
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.models.fuyu.generate import Prompts, generate
 from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, normalize_patches
+from otterhd_ray.models.fuyu.lora import head_operands
 from otterhd_ray.ops.attention import resolve_attention
 from otterhd_ray.ops.fused import (
     FusedOps,
@@ -41,7 +42,7 @@ from otterhd_ray.ops.fused import (
     resolve_fused_ops,
     rotary_cos_sin,
 )
-from otterhd_ray.ops.loss import linear_cross_entropy
+from otterhd_ray.ops.loss import linear_cross_entropy, softmax_grad_reference
 
 CHECKPOINTING = ("none", "selective", "full")
 __all__ = ["CHECKPOINTING", "FuyuForCausalLM", "new_model", "projection"]
@@ -52,7 +53,10 @@ def projection(linear: nn.Linear) -> Projection:
     lm_head), read at every forward and computed by `ops.fused.project`. This pair is where an adapter attaches:
     a LoRA layer hands its low-rank factors over here and `project` adds the update inside the (compiled) glue,
     without merging them into the weight."""
-    return Projection(linear.weight, linear.bias)
+    adapter = getattr(linear, "lora", None)
+    if adapter is None or adapter.merged:
+        return Projection(linear.weight, linear.bias)
+    return Projection(linear.weight, linear.bias, adapter.A, adapter.B, adapter.scale, adapter.dropout)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -100,6 +104,7 @@ class FuyuDecoderLayer(nn.Module):
             ln2_b=self.post_attention_layernorm.bias,
             up=projection(m.dense_h_to_4h),
             down=projection(m.dense_4h_to_h),
+            training=self.training,
         )
 
 
@@ -134,7 +139,13 @@ _SAVE_OPS = _save_ops()
 
 # ------------------------------------------------------------------------------------------------ model
 class FuyuForCausalLM(nn.Module):
-    """Fuyu decoder. Switches (attention backend, fused ops, checkpointing) are resolved once per device."""
+    """Fuyu decoder. Switches (attention backend, fused ops, checkpointing) are resolved once per device.
+
+    `lean_step` removes per-micro-batch fixed costs that small micro-batches (the seed recipe's 8 samples, ~4.6k
+    tokens) do not amortise, with the same values up to rounding: the image patches are merged by index instead
+    of `masked_scatter` (whose backward runs `masked_select`, a device->host sync every micro-batch), and the
+    loss defers the LM head's weight gradient and, under `fused_ops=compile`, compiles its softmax math
+    (`ops/loss.py`). Off, the model runs the previous path (the reference for the tests and benchmarks)."""
 
     def __init__(
         self,
@@ -144,8 +155,10 @@ class FuyuForCausalLM(nn.Module):
         activation_checkpointing: str = "none",
         loss_chunk_size: int = 2048,
         selective_every: int = 2,
+        lean_step: bool = False,
     ):
         super().__init__()
+        self.lean_step = lean_step
         if selective_every < 0:
             raise ValueError(f"selective_every must be >= 0, got {selective_every}")
         self.selective_every = selective_every
@@ -189,8 +202,11 @@ class FuyuForCausalLM(nn.Module):
         fused_ops: str | None = None,
         activation_checkpointing: str | None = None,
         selective_every: int | None = None,
+        lean_step: bool | None = None,
     ) -> None:
         """Change a switch (tests, benchmarks); takes effect at the next forward."""
+        if lean_step is not None:
+            self.lean_step = lean_step
         if selective_every is not None:
             self.selective_every = selective_every
         if activation_checkpointing is not None:
@@ -228,8 +244,14 @@ class FuyuForCausalLM(nn.Module):
                 raise ValueError(f"patches must be [P, {self.config.patch_dim}], got {tuple(patches_PC.shape)}")
             # uint8 patches are raw pixels (the batch contract); float patches are taken as already normalised.
             pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
-            patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens))
-            x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
+            patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens), self.training)
+            if self.lean_step:
+                # The placeholders' rows, found without a host sync (the count is the patch count); index_copy's
+                # backward is an index_select, where masked_scatter's is a masked_select (a sync).
+                rows_P = torch.nonzero_static(is_image, size=num_patches, fill_value=0)[:, 0]
+                x_TD = x_TD.index_copy(0, rows_P, patch_PD)
+            else:
+                x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
         elif torch.is_grad_enabled():
             # A micro-batch of text-only samples: run the patch projection on zero rows (adds exactly 0) so its
             # parameters still get a (zero) gradient and every rank's DDP/ZeRO reductions match.
@@ -305,7 +327,7 @@ class FuyuForCausalLM(nn.Module):
         return self.final_norm(self.decoder(x_TD, cos_TR, sin_TR, attention))
 
     def logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
-        return project(hidden_ND, projection(self.lm_head))
+        return project(hidden_ND, projection(self.lm_head), self.training)
 
     def next_token_logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, V] from the last layer's output (before the final norm) at B positions."""
@@ -328,11 +350,13 @@ class FuyuForCausalLM(nn.Module):
         num = int(num)
         # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
         rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
-        # The chunked loss takes the head's weight alone: an adapter on lm_head would have to extend it too.
-        head = projection(self.lm_head)
+        # The chunked loss takes one weight: an adapter on lm_head joins it as extra columns (lora.head_operands).
+        h_ND, head_VD = head_operands(hidden_TD.index_select(0, rows_N), projection(self.lm_head), self.training)
+        _, ops = self.resolve(hidden_TD.device)
         loss_sum = linear_cross_entropy(
-            hidden_TD.index_select(0, rows_N), head.weight, targets_T.index_select(0, rows_N), self.loss_chunk_size,
-            ignore_index=IGNORE_INDEX,
+            h_ND, head_VD, targets_T.index_select(0, rows_N), self.loss_chunk_size, ignore_index=IGNORE_INDEX,
+            softmax_grad=ops.softmax_grad if self.lean_step else softmax_grad_reference,
+            defer_weight_grad=self.lean_step,
         )
         return loss_sum, num
 
