@@ -25,6 +25,7 @@ from otterhd_ray.config import ConfigError, FinetuneConfig, load_finetune_config
 from otterhd_ray.models.fuyu import FuyuForCausalLM, flavour_config  # noqa: E402
 from otterhd_ray.train.evaluation import answer_items, due, load_items  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
+from tests.helpers import reset_distributed  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 NUM_TRAIN, NUM_BENCH, EVAL_ITEMS = 16, 7, 5
@@ -34,13 +35,9 @@ EVAL = ("eval.max_items=5", "eval.every_n_steps=2", "eval.at_epoch_end=true", "e
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_process_group():
-    """DeepSpeed initialises a 1-rank gloo group in this process: tear it down for the tests that follow."""
+    reset_distributed()  # an earlier module may have left DeepSpeed's 1-rank group behind
     yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    import deepspeed.comm.comm as ds_comm
-
-    ds_comm.cdb = None
+    reset_distributed()
 
 
 @pytest.fixture(scope="module")
