@@ -114,3 +114,16 @@ def train_rows(cfg: Any, seed: int) -> list[dict[str, Any]]:
     """Three rows of different image shapes and supervised counts (the engine and data-parallel tests)."""
     shapes = [(2, 3, 9), (1, 4, 13), (3, 2, 6)]
     return [as_row(sample(cfg, r, c, t, seed + i, num_targets=t // 2 + 1), i) for i, (r, c, t) in enumerate(shapes)]
+
+
+def reset_distributed() -> None:
+    """Tear down a 1-rank gloo group DeepSpeed made in this process, and DeepSpeed's caches of it (its cached
+    world-group clone outlives `destroy_process_group` and breaks the next module's `deepspeed.initialize`).
+    For module fixtures of in-process DeepSpeed tests, before and after."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    ds_groups._WORLD_GROUP = None

@@ -47,6 +47,7 @@ from otterhd_ray.train.checkpoint import (
     save_training_checkpoint,
 )
 from otterhd_ray.train.engine import Engine, build_engine
+from otterhd_ray.train.evaluation import build_evaluator
 from otterhd_ray.train.metrics import MetricsSink, MicroCounts, WindowAccumulator, flops_per_token, peak_flops
 
 if TYPE_CHECKING:
@@ -344,6 +345,7 @@ def _run(
         extra_files[MODEL_CONFIG_FILE] = json.dumps(engine.model.config.to_hf_dict(), indent=2)
     flops_tok, peak = flops_per_token(engine.model, 1.0), peak_flops(device)
     resumed_from = state.global_step
+    evaluator = build_evaluator(cfg, engine, rank, world, sink, resumed_from)  # `eval:`; a no-op without it
     last: dict[str, Any] = {}
 
     def checkpoint_and_report(metrics: dict[str, Any]) -> None:
@@ -378,6 +380,7 @@ def _run(
             if state.micro_batch >= num_micro:  # a checkpoint taken now must resume at the next epoch
                 state.epoch, state.micro_batch = epoch + 1, 0
             faults.maybe_die(state.global_step)
+            evaluated = evaluator.after_step(state, epoch, window)  # before the checkpoint: its report carries it
 
             at_end = state.global_step >= total and cfg.train.checkpoint_at_end
             want_ckpt = at_end or bool(every and state.global_step % every == 0)
@@ -385,7 +388,9 @@ def _run(
                 last = _window_metrics(window, engine, state, world, flops_tok, peak, resumed_from, epoch)
                 sink.log(last, total)
                 if want_ckpt:
-                    checkpoint_and_report(last)
+                    checkpoint_and_report({**last, **evaluated})
+            if evaluated and not want_ckpt:
+                ctx.report(evaluated)  # every rank, like checkpoint reports (Train V2 reports are a barrier)
             faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()

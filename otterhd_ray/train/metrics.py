@@ -165,6 +165,7 @@ class MetricsSink:
         self._wandb = None
         self._gauges: dict[str, Any] = {}
         self._counters: dict[str, Any] = {}
+        self._eval_gauge: Any = None
         self._history = Path(history_path) if history_path and rank == 0 else None
         self._started = time.perf_counter()
         if rank != 0:
@@ -198,6 +199,10 @@ class MetricsSink:
             self._gauges[name] = Gauge(f"otterhd_train_{name}", description=f"training {name}", tag_keys=tags)
         for name in ("tokens", "samples"):
             self._counters[name] = Counter(f"otterhd_train_{name}_total", description=f"{name} trained", tag_keys=tags)
+        self._eval_gauge = Gauge(
+            "otterhd_train_eval_score", description="in-training evaluation score (train/evaluation.py)",
+            tag_keys=("run", "benchmark", "metric"),
+        )
 
     def log(self, metrics: dict[str, Any], total_steps: int) -> None:
         if self.rank != 0:
@@ -216,6 +221,21 @@ class MetricsSink:
             with self._history.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         logger.info(self.format_line(metrics, total_steps))
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """One in-training evaluation (`train/evaluation.py`, which writes its own history and log line): its
+        `eval/<benchmark>/<metric>` scores to wandb and to the `otterhd_train_eval_score` gauge."""
+        if self.rank != 0:
+            return
+        bench = str(record.get("eval/benchmark", ""))
+        scores = {k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, int | float)}
+        if self._eval_gauge is not None:
+            for key, value in scores.items():
+                if key.startswith(f"eval/{bench}/"):
+                    tags = {"run": self.cfg.ray.name, "benchmark": bench, "metric": key.rsplit("/", 1)[1]}
+                    self._eval_gauge.set(float(value), tags=tags)
+        if self._wandb is not None:
+            self._wandb.log(scores, step=int(record["step"]))
 
     def format_line(self, m: dict[str, Any], total_steps: int) -> str:
         step = int(m["step"])
