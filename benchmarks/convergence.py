@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
+from otterhd_ray.data.pipeline import MicroBatch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,10 +133,10 @@ class RecordingSource:
     def num_micro_batches(self, epoch: int) -> int:
         return self.inner.num_micro_batches(epoch)
 
-    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[MicroBatch]:
         for mb in self.inner.iter_epoch(epoch, start):
-            # "#r<k>" marks a repeat of a sample within a mix; the row is the same
-            self.micro_batches.append([] if mb.get("is_filler") else [s.split("#r")[0] for s in mb["sample_id"]])
+            # "#r<k>" marks a repeat of a sample within a mix; the row is the same (a filler has no sample id)
+            self.micro_batches.append([s.split("#r")[0] for s in mb.sample_id])
             yield mb
 
 

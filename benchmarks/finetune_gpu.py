@@ -70,19 +70,17 @@ def prepare_data(work: Path, args: argparse.Namespace) -> None:
 
 def run_model_only(cfg: FinetuneConfig) -> dict[str, Any]:
     """The bare model on the pipeline's epoch-1 micro-batches: untimed warm pass, then a timed pass."""
-    from otterhd_ray.train.engine import batch_to_device
     from otterhd_ray.train.loop import PipelineSource, build_model_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model_for(cfg, device)
-    batches = [batch_to_device(mb, device) for mb in PipelineSource(cfg, 0, 1).iter_epoch(1)]
-    batches = [b for b in batches if not b.get("is_filler")]
-    tokens = sum(int(b["input_ids"].shape[0]) for b in batches)
+    batches = [mb.packed.to(device) for mb in PipelineSource(cfg, 0, 1).iter_epoch(1) if not mb.is_filler]
+    tokens = sum(b.num_tokens for b in batches)
 
     def one_pass() -> None:
         for b in batches:
             loss_sum, n = model.loss(b)
-            (loss_sum / max(int(b["num_target_tokens"]), 1)).backward()
+            (loss_sum / max(n, 1)).backward()
 
     one_pass()
     model.zero_grad(set_to_none=True)

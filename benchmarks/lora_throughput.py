@@ -101,7 +101,7 @@ def bench_ours(cfg, samples, args, checkpointing: str, device, dtype) -> dict[st
     batches = tt.packed_batches(samples, args.max_tokens, device)
 
     def step(b):
-        loss_sum, num = model.loss(b)
+        loss_sum, num = model.loss(b["packed"])
         (loss_sum / max(num, 1)).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -133,24 +133,25 @@ def job_config(work: Path, args: argparse.Namespace, run: str):
 
 def run_model_step(cfg) -> dict[str, Any]:
     """The model alone on the pipeline's last-epoch micro-batches held on the device: fwd + bwd + AdamW step."""
-    from otterhd_ray.train.engine import batch_to_device
     from otterhd_ray.train.loop import PipelineSource, build_model_for
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model_for(cfg, device).train()
-    batches = [batch_to_device(mb, device) for mb in PipelineSource(cfg, 0, 1).iter_epoch(cfg.train.epochs - 1)]
-    batches = [b for b in batches if not b.get("is_filler")]
+    # run_steps (train_throughput.py) reads input_ids, real_tokens and samples beside the batch itself
+    batches = [
+        {"packed": mb.packed.to(device), "input_ids": mb.packed.input_ids, "real_tokens": mb.packed.num_tokens,
+         "samples": mb.num_samples}
+        for mb in PipelineSource(cfg, 0, 1).iter_epoch(cfg.train.epochs - 1) if not mb.is_filler
+    ]
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                               fused=device.type == "cuda")
 
     def step(b):
-        loss_sum, _ = model.loss(b)
-        (loss_sum / max(int(b["num_target_tokens"]), 1)).backward()
+        loss_sum, num = model.loss(b["packed"])
+        (loss_sum / max(num, 1)).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
-    for b in batches:  # warm pass: every packed shape compiled
-        b["real_tokens"], b["samples"] = int(b["input_ids"].shape[0]), len(b["sample_index"])
     r = tt.run_steps(step, batches, -1, device)
     return {"tokens_per_s": r["real_tokens_per_s"], "step_s": r["step_time_s"],
             "peak_gib": r["peak_mem_gib"] if r["peak_mem_gib"] == r["peak_mem_gib"] else None}

@@ -16,7 +16,7 @@ decoding with the model's KV cache, the strict MC parser (an unparsed reply is w
 accuracy per kind x resolution, writes `resolution_study.json` and `resolution_study.png`.
 
 Not the production input path: scenes are drawn and preprocessed in DataLoader worker processes and packed in
-memory (`buckets.pack`), so the GPU is fed without shards or Ray; the model, processor, packer, loss, optimizer
+memory (`buckets.StreamingPacker` + `assemble`), so the GPU is fed without shards or Ray; the model, processor, packer, loss, optimizer
 groups and schedule are the project's own.
 """
 
@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from otterhd_ray.models.fuyu import PackedBatch  # noqa: E402
 
 MC_PROMPT = "Answer with the text of the correct option."
 TEMPLATE = "User: {instruction} Assistant:"  # the evaluation's `otterhd` wrapping, used for training too
@@ -109,8 +111,8 @@ def fit_long_side(height: int, width: int, side: int) -> tuple[int, int]:
     return policy.size_for((height, width), 0.0)
 
 
-def micro_batches(tokenizer_dir: str, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    from otterhd_ray.data.buckets import StreamingPacker, assemble, collate_to_torch
+def micro_batches(tokenizer_dir: str, args: argparse.Namespace) -> Iterator[PackedBatch]:
+    from otterhd_ray.data.buckets import StreamingPacker, assemble
 
     loader = torch.utils.data.DataLoader(
         SceneStream(tokenizer_dir, args), batch_size=None, num_workers=args.workers,
@@ -120,7 +122,7 @@ def micro_batches(tokenizer_dir: str, args: argparse.Namespace) -> Iterator[dict
     packer = StreamingPacker(args.max_tokens, 0, 512)
     for sample in loader:
         for group in packer.add(None, int(sample["num_tokens"]), sample):
-            yield collate_to_torch(assemble(group))
+            yield assemble(group)
         if packer.rejected:
             raise ValueError(f"a sample of {int(packer.rejected[0]['num_tokens'])} tokens exceeds --max-tokens")
 
@@ -128,7 +130,6 @@ def micro_batches(tokenizer_dir: str, args: argparse.Namespace) -> Iterator[dict
 # ---------------------------------------------------------------------------------------------- train
 def train(model: Any, args: argparse.Namespace, tokenizer_dir: str, device: torch.device) -> list[dict[str, Any]]:
     from otterhd_ray.config import OptimConfig
-    from otterhd_ray.train.engine import batch_to_device
     from otterhd_ray.train.schedule import build_scheduler, param_groups
 
     optim = OptimConfig(lr=args.lr, weight_decay=0.1, warmup_ratio=args.warmup_ratio, scheduler="cosine")
@@ -140,7 +141,7 @@ def train(model: Any, args: argparse.Namespace, tokenizer_dir: str, device: torc
     model.train()
     stream = micro_batches(tokenizer_dir, args)
     for step in range(1, args.steps + 1):
-        mb = batch_to_device(next(stream), device)
+        mb = next(stream).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss_sum, num = model.loss(mb)
         (loss_sum / max(num, 1)).backward()
@@ -150,7 +151,7 @@ def train(model: Any, args: argparse.Namespace, tokenizer_dir: str, device: torc
         optimizer.zero_grad(set_to_none=True)
         window_loss += loss_sum.detach().float()
         window_tok += num
-        tokens += int(mb["input_ids"].shape[0])
+        tokens += mb.num_tokens
         if step % 50 == 0 or step == args.steps:
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": float(window_loss) / max(window_tok, 1), "tokens": tokens,

@@ -10,11 +10,22 @@ streamed (SSE). `--images K` distinct images are cycled over the requests (defau
 requests in flight share an image, so there is no shared prefill to help). Every client is closed-loop: it sends
 its next request when the previous answer has ended, `--requests` requests per client, after one untimed warm-up
 round at that concurrency. Weights are random (fuyu-8b shape, bf16 on GPU), saved once as an HF directory under
-`--model-dir` (not under --out); the tokenizer is the tiny offline one. With random weights a row may stop early
-on an end token: the table's `tokens/req` shows the mean completion tokens actually generated.
+`--model-dir` (not under --out); the tokenizer is the tiny offline one (543 pieces in a 262,144-row vocabulary).
+
+The random model is made to write text (benchmark only): its `lm_head` rows are zeroed for every id that is not a
+plain text piece of the tokenizer (ids past the tokenizer, the 256 byte-fallback pieces `<0x..>`, special and
+end tokens), so greedy decoding picks a text piece at every step (their random logits' max is > 0). Without
+this, almost every token was an id the tokenizer decodes to "" (or a byte piece the stream decoder holds back
+until its run ends), no content reached the client until the end, and "time to first token" equalled latency.
+No end token can be chosen either, so every request generates exactly `--new-tokens` tokens, like the baseline.
 
 Reported per concurrency: requests/s (completed / wall time from first send to last answer), latency p50/p95
-(send -> last byte), time to first token p50/p95 (send -> first non-empty content chunk), generated tokens/s.
+(send -> last byte), client TTFT p50/p95 (send -> first non-empty content chunk), and from the server's
+`GET /stats` (the replica's own clock, from the request's arrival at the handler): first token p50/p95 (the first
+generated token reached the host: body read, JSON, image decode/resize/patchify, queueing and prefill included),
+`prep` p50 (arrival -> queued: body, JSON, image, prompt), `start` p50 (arrival -> its batch started), and the mean
+batch size. `--ab` (on by default) repeats the concurrent levels with `arrival_wait_s=0`, the batching before
+this change (a ready batch started with whatever had been queued), in the same run.
 Baseline, same run, before Serve starts (so it has the GPU alone): transformers `FuyuForCausalLM.generate` (sdpa,
 batch 1, 32 new tokens forced) on the same prompts one after another, pre-processing included, as
 benchmarks/eval_throughput.py (a) does. No HTTP on the baseline: it is the best case of one-at-a-time serving.
@@ -36,6 +47,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_throughput import HFRunner, build_hf_model, make_image, sync  # noqa: E402
 
 from otterhd_ray.data.processor import FuyuProcessor  # noqa: E402
-from otterhd_ray.data.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
+from otterhd_ray.data.tokenizer import build_tiny_tokenizer, fuyu_tokens, load_tokenizer  # noqa: E402
 from otterhd_ray.models.fuyu import config_for_tokenizer, flavour_config, new_model, save_hf  # noqa: E402
 
 QUESTION = "What color is the small triangle in the image? Answer in a few words."
@@ -69,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=32, help="distinct images cycled over the requests")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--arrival-wait-s", type=float, default=1.0)
+    p.add_argument("--ab", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the levels above 1 client with arrival_wait_s=0 (the batching before)")
     p.add_argument("--baseline-requests", type=int, default=6, help="transformers generate requests (0: skip)")
     p.add_argument("--attn", default="sdpa", help="transformers attn_implementation of the baseline")
     p.add_argument("--model-dir", default=None, help="HF dir of the random model (default /tmp/...; reused)")
@@ -80,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ set-up
 def prepare_model_dir(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Path:
     """Random weights of the flavour's shape saved once as an HF dir with the tiny tokenizer (reused if there)."""
-    out = Path(args.model_dir or f"/tmp/otterhd-serve-bench-{args.flavour}-{args.layers or 'all'}")
+    out = Path(args.model_dir or f"/tmp/otterhd-serve-bench-{args.flavour}-{args.layers or 'all'}-text")
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -91,12 +106,28 @@ def prepare_model_dir(args: argparse.Namespace, device: str, dtype: torch.dtype)
     torch.manual_seed(0)
     start = time.perf_counter()
     model = new_model(cfg, dtype=dtype, device=device)
+    keep = text_piece_ids(tok)
+    with torch.no_grad():  # the model writes text: module doc
+        mask_V = torch.ones(cfg.vocab_size, dtype=torch.bool, device=model.lm_head.weight.device)
+        mask_V[keep] = False
+        model.lm_head.weight[mask_V] = 0
+    print(f"lm_head: kept the rows of {len(keep)} text pieces, zeroed {int(mask_V.sum())}", flush=True)
     save_hf(model, out)
     del model
     gc.collect()
     print(f"saved random {args.flavour} ({cfg.num_layers} layers) to {out} in {time.perf_counter() - start:.0f} s",
           flush=True)
     return out
+
+
+def text_piece_ids(tok: Any) -> list[int]:
+    """Ids of the tokenizer's plain text pieces: no byte-fallback piece, no special, end, image or answer token."""
+    import re
+
+    tokens = fuyu_tokens(tok)
+    special = set(tok.all_special_ids) | {tokens.image, tokens.newline, tokens.bos, tokens.end, tokens.boa}
+    return sorted(i for piece, i in tok.get_vocab().items()
+                  if i not in special and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece))
 
 
 def image_payloads(args: argparse.Namespace) -> list[str]:
@@ -135,7 +166,8 @@ def run_baseline(args: argparse.Namespace, model_dir: Path, device: str, dtype: 
 
 # ------------------------------------------------------------------------------------------------ clients
 def one_request(port: int, body: bytes) -> dict[str, Any]:
-    """POST a streamed chat completion; time to first content and to the end; completion tokens from usage."""
+    """POST a streamed chat completion: time to the first SSE event (the role chunk), to the first content, to
+    the end; completion tokens from usage."""
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -144,12 +176,13 @@ def one_request(port: int, body: bytes) -> dict[str, Any]:
         detail = resp.read()[:300]
         conn.close()
         return {"ok": False, "status": resp.status, "detail": detail.decode(errors="replace")}
-    first = None
+    first_event = first = None
     tokens = 0
     for raw in resp:  # SSE lines
         line = raw.decode().strip()
         if not line.startswith("data:") or line == "data: [DONE]":
             continue
+        first_event = first_event if first_event is not None else time.perf_counter() - start
         chunk = json.loads(line[5:])
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
@@ -157,7 +190,12 @@ def one_request(port: int, body: bytes) -> dict[str, Any]:
             first = time.perf_counter() - start
     conn.close()
     end = time.perf_counter() - start
-    return {"ok": True, "latency": end, "ttft": first if first is not None else end, "tokens": tokens}
+    return {"ok": True, "latency": end, "first_event": first_event, "ttft": first, "tokens": tokens}
+
+
+def server_stats(port: int, after: int = 0) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?after={after}", timeout=30) as r:
+        return json.loads(r.read())
 
 
 def request_body(image_url: str, new_tokens: int, model: str) -> bytes:
@@ -197,16 +235,30 @@ def _pct(values: list[float], q: int) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def summarize(results: list[dict], wall: float, clients: int) -> dict[str, Any]:
+def summarize(results: list[dict], wall: float, clients: int, stats: dict[str, Any], label: str) -> dict[str, Any]:
     ok = [r for r in results if r["ok"]]
-    lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    lat = [r["latency"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in ok)
-    return {"method": "ours: Serve app over HTTP (stream)", "clients": clients, "requests": len(ok),
+    server = stats["summary"]
+
+    def p(key: str, q: str) -> float | None:  # the client columns' quantiles, on the server's records
+        values = [rec[key] for rec in stats["requests"]]
+        return None if not values else statistics.median(values) if q == "p50" else _pct(values, 95)
+
+    return {"method": label, "clients": clients, "requests": len(ok),
             "req_per_s": len(ok) / wall, "lat_p50": statistics.median(lat), "lat_p95": _pct(lat, 95),
-            "ttft_p50": statistics.median(ttft), "ttft_p95": _pct(ttft, 95),
+            "ttft_p50": statistics.median(ttft) if ttft else None, "ttft_p95": _pct(ttft, 95) if ttft else None,
+            "no_content": len(ok) - len(ttft),
+            "first_event_p50": statistics.median(r["first_event"] for r in ok),
+            "server_first_token_p50": p("first_token_s", "p50"), "server_first_token_p95": p("first_token_s", "p95"),
+            "server_prep_p50": p("prepared_s", "p50"), "server_start_p50": p("started_s", "p50"),
+            "server_finished_p50": p("finished_s", "p50"), "mean_batch": server.get("mean_batch_size"),
+            "batch_sizes": server.get("batch_sizes"),
             "tokens_per_req": tokens / max(1, len(ok)), "tokens_per_s": tokens / wall,
             "errors": len(results) - len(ok),
-            "error_sample": next((r for r in results if not r["ok"]), None)}
+            "error_sample": next((r for r in results if not r["ok"]), None),
+            "raw": {"client": results, "server": stats["requests"]}}  # JSON only
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -216,17 +268,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(args: argparse.Namespace, model_dir: Path, device: str, port: int) -> str:
+def start_serve(args: argparse.Namespace, model_dir: Path, device: str, port: int, arrival_wait_s: float) -> str:
+    """(Re)deploy the app with `arrival_wait_s` and wait until it answers."""
     import ray
     from ray import serve
 
     from otterhd_ray.serve.deployment import make_app
     from otterhd_ray.serve.options import ServeOptions
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    else:
+        serve.delete("otterhd")
     opts = ServeOptions(model=str(model_dir), name="bench", device=device, resolution=args.resolution,
                         max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s,
+                        arrival_wait_s=arrival_wait_s,
                         max_queue=max(128, 2 * max(int(c) for c in args.clients.split(","))))
     serve.run(make_app(opts, num_replicas=1, num_gpus=1 if device == "cuda" else 0), name="otterhd",
               route_prefix="/", blocking=False)
@@ -249,8 +306,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], baseline: float | None) -> str:
-    head = ("| method | clients | requests | req/s | vs baseline | latency p50 / p95 (s) | TTFT p50 / p95 (s) "
-            "| tokens/req | tokens/s | errors |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | clients | requests | req/s | vs baseline | latency p50 / p95 (s) | client TTFT p50 / p95 (s) "
+            "| server first token p50 / p95 (s) | server prep / start p50 (s) | mean batch | tokens/req | errors |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         speedup = f"{r['req_per_s'] / baseline:.1f}x" if baseline else "-"
@@ -258,8 +316,23 @@ def table(rows: list[dict[str, Any]], baseline: float | None) -> str:
             f"| {r['method']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {speedup} "
             f"| {_fmt(r['lat_p50'], '.3f')} / {_fmt(r['lat_p95'], '.3f')} "
             f"| {_fmt(r['ttft_p50'], '.3f')} / {_fmt(r['ttft_p95'], '.3f')} "
-            f"| {r['tokens_per_req']:.1f} | {r['tokens_per_s']:.0f} | {r['errors']} |")
+            f"| {_fmt(r.get('server_first_token_p50'), '.3f')} / {_fmt(r.get('server_first_token_p95'), '.3f')} "
+            f"| {_fmt(r.get('server_prep_p50'), '.3f')} / {_fmt(r.get('server_start_p50'), '.3f')} "
+            f"| {_fmt(r.get('mean_batch'), '.1f')} | {r['tokens_per_req']:.1f} | {r['errors']} |")
     return head + "\n".join(lines) + "\n"
+
+
+def run_levels(port: int, bodies: list[bytes], levels: list[int], per_client: int, label: str) -> list[dict]:
+    rows = []
+    for clients in levels:
+        load_level(port, bodies, clients, 1)  # warm-up round at this concurrency (batch shapes, allocator)
+        mark = server_stats(port)["last"]
+        results, wall = load_level(port, bodies, clients, per_client)
+        rows.append(summarize(results, wall, clients, server_stats(port, mark), label))
+        print({k: v for k, v in rows[-1].items() if k not in ("error_sample", "raw")}, flush=True)
+        if rows[-1]["errors"]:
+            print(f"  first error: {rows[-1]['error_sample']}", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,16 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_baseline(args, model_dir, device, dtype))
         print(rows[-1], flush=True)
     port = args.port or free_port()
-    name = start_serve(args, model_dir, device, port)
+    name = start_serve(args, model_dir, device, port, args.arrival_wait_s)
     bodies = [request_body(url, args.new_tokens, name) for url in image_payloads(args)]
     try:
-        for clients in levels:
-            load_level(port, bodies, clients, 1)  # warm-up round at this concurrency (batch shapes, allocator)
-            results, wall = load_level(port, bodies, clients, args.requests)
-            rows.append(summarize(results, wall, clients))
-            print({k: v for k, v in rows[-1].items() if k != "error_sample"}, flush=True)
-            if rows[-1]["errors"]:
-                print(f"  first error: {rows[-1]['error_sample']}", flush=True)
+        rows += run_levels(port, bodies, levels, args.requests,
+                           f"ours: Serve over HTTP, stream (arrival wait {args.arrival_wait_s:g} s)")
+        if args.ab and [c for c in levels if c > 1]:
+            start_serve(args, model_dir, device, port, 0.0)
+            rows += run_levels(port, bodies, [c for c in levels if c > 1], args.requests,
+                               "ours, no arrival wait (batching before)")
     finally:
         import ray
         from ray import serve
@@ -300,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' ({args.layers} layers)' if args.layers else ''}, random weights, {dtype}, "
               f"{args.width}x{args.height} image at resolution {args.resolution}, {args.new_tokens} new tokens, "
               f"{args.images} distinct images, {args.requests} timed requests per client, max batch "
-              f"{args.max_batch_size}.\n\n")
+              f"{args.max_batch_size}. lm_head rows of non-text ids zeroed (the model writes text; module doc). "
+              "Server columns: the replica's clock from the request's arrival (GET /stats).\n\n")
     print("\n" + header + text, flush=True)
     if args.out:
         out = Path(args.out)

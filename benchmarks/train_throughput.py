@@ -11,10 +11,16 @@ the bf16 matmul peak measured in the same run.
     python benchmarks/train_throughput.py --layers 8 --workload seed --stacks ours,hf_sdpa --hf-batch-sizes 8
     python benchmarks/train_throughput.py --layers 8 --stacks ours --profile prof.txt  # per-kernel table
     python benchmarks/train_throughput.py --width debug --num-samples 12 --device cpu  # CPU dry run
+    # issue 11 item 7: the previous path and lean_step side by side, host syncs counted, per-kernel tables
+    python benchmarks/train_throughput.py --layers 8 --workload seed --stacks ours,ours_lean --sync-check \
+        --profile $OUT/prof_seed.txt --out $OUT/seed.json
 
 Stacks: hf_eager, hf_sdpa (transformers, left-padded like FuyuProcessor, each at the best batch size that fits
 among --hf-batch-sizes), hf_sdpa_compile (optional: torch.compile(dynamic=True) recompiles for every new padded
-shape), ours (packed micro-batches of <= --max-tokens, --attention/--fused-ops/--checkpointing).
+shape), ours (packed micro-batches of <= --max-tokens, --attention/--fused-ops/--checkpointing), ours_lean (the
+same with the model's `lean_step` switch: sync-free image merge, deferred + compiled LM-head gradient),
+ours_nocompile (fused ops off), ours_<checkpointing> (e.g. ours_selective). With several `ours*` stacks,
+`--profile P` writes one table per stack (P with the stack name before the suffix).
 
 Workloads: `mixed` (above); `seed` = the OtterHD recipe's `--dynamic_resolution` batches: groups of
 --seed-batch (8) samples that share one random square of {448, 512, 768} px, 20-300 text tokens; every stack
@@ -38,7 +44,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_SIZE, flavour_config, new_model, normalize_patches  # noqa: E402
+from otterhd_ray.models.fuyu import (  # noqa: E402
+    IGNORE_INDEX,
+    PATCH_SIZE,
+    PackedBatch,
+    flavour_config,
+    new_model,
+    normalize_patches,
+)
 from otterhd_ray.models.fuyu.config import FuyuModelConfig  # noqa: E402
 
 BUCKETS = (448, 512, 768, 1024)
@@ -154,7 +167,8 @@ def hf_batches(samples: list[Sample], batch_size: int, pad_id: int, device: torc
 
 
 def packed_batches(
-    samples: list[Sample], max_tokens: int, device: torch.device, group: int | None = None
+    samples: list[Sample], max_tokens: int, device: torch.device, group: int | None = None,
+    cfg: FuyuModelConfig | None = None,
 ) -> list[dict]:
     """Greedy in-order packing into rows of <= max_tokens (the docs/internals.md micro-batch); with `group`,
     exactly `group` consecutive samples per row instead (the seed workload's batches)."""
@@ -177,20 +191,32 @@ def packed_batches(
             t[:-1] = s.labels[1:]
             targets.append(t)
         target_ids = torch.from_numpy(np.concatenate(targets))
+        packed = PackedBatch(
+            input_ids=torch.from_numpy(np.concatenate([s.input_ids for s in group])),
+            target_ids=target_ids,
+            position_ids=torch.cat([torch.arange(n) for n in lengths]),
+            cu_seqlens=torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32),
+            max_seqlen=max(lengths),
+            patches=torch.from_numpy(np.concatenate([s.patches for s in group])),
+            num_target_tokens=int((target_ids != IGNORE_INDEX).sum()),
+        ).to(device)
+        # run_steps reads input_ids (for padding), real_tokens and samples, from either stack's batches
         out.append(
-            {
-                "input_ids": torch.from_numpy(np.concatenate([s.input_ids for s in group])).to(device),
-                "target_ids": target_ids.to(device),
-                "position_ids": torch.cat([torch.arange(n) for n in lengths]).to(device),
-                "cu_seqlens": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device),
-                "max_seqlen": max(lengths),
-                "patches": torch.from_numpy(np.concatenate([s.patches for s in group])).to(device),
-                "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
-                "real_tokens": sum(lengths),
-                "samples": len(group),
-            }
+            {"packed": packed, "input_ids": packed.input_ids, "real_tokens": sum(lengths), "samples": len(group),
+             "useful_flops": useful_flops(cfg, group) if cfg is not None else float("nan")}
         )
     return out
+
+
+def fixed_cost_fit(step_ms: list[float], step_flops: list[float], peak: float) -> dict:
+    """Least-squares `step ms = fixed + flops / (marginal MFU x peak)` over the timed steps: what every micro-batch
+    costs regardless of its size (vocabulary-sized gradient work, host syncs, launch latency) vs. the rate of the
+    size-dependent part. Issue 11 item 7 measured 8.6 ms fixed and 78 % marginal on the seed workload."""
+    if len(step_ms) < 3 or peak != peak or len(set(step_flops)) < 2:
+        return {}
+    a = np.stack([np.ones(len(step_ms)), np.asarray(step_flops) / 1e12], axis=1)
+    (fixed, ms_per_tflop), *_ = np.linalg.lstsq(a, np.asarray(step_ms), rcond=None)
+    return {"fixed_ms_per_step": round(float(fixed), 2), "marginal_mfu": round(float(1e3 / (peak / 1e12) / ms_per_tflop), 4)}
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -234,18 +260,54 @@ def run_steps(step, batches: list[dict], warmup: int, device: torch.device) -> d
 
 
 def profile_steps(step, batches: list[dict], path: str, device: torch.device) -> None:
-    """torch profiler over already-warm steps: per-kernel self time table (top 40) written to `path`."""
+    """torch profiler over already-warm steps: per-kernel self time table (top 40) written to `path`.
+
+    The wall time of the profiled steps is written beside it: "Self CPU time total" includes the final
+    synchronize, so it tracks the device time whether or not the host is the bottleneck; wall time minus
+    "Self CUDA time total" is what the device spent idle (plus the profiler's own overhead)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for b in batches:
             step(b)
         sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80)
-    Path(path).write_text(f"{len(batches)} steps\n{table}\n")
-    print(table, flush=True)
+    head = f"{len(batches)} steps, {wall_ms:.1f} ms wall (profiled)"
+    Path(path).write_text(f"{head}\n{table}\n")
+    print(head, table, sep="\n", flush=True)
+
+
+def count_host_syncs(step, batch: dict, device: torch.device) -> int | None:
+    """Device->host synchronisations in one (warm) step, from CUDA's sync debug mode; None off CUDA."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    hits = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in hits[:5]:
+        print(f"   sync: {str(w.message)[:200]}", flush=True)
+    return len(hits)
+
+
+def profile_path(path: str, spec: str, num_ours: int) -> str:
+    """One table per stack when several `ours*` stacks run: prof.txt -> prof.ours_lean.txt."""
+    if num_ours <= 1:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{spec.replace('@', '_')}{p.suffix}"))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -305,31 +367,41 @@ def bench_hf(cfg, samples, attn, compile_, batch_sizes, warmup, device, dtype, l
     return best
 
 
-def bench_ours(cfg, samples, args, checkpointing, warmup, device, dtype, max_tokens) -> dict:
+def bench_ours(
+    cfg, samples, args, checkpointing, warmup, device, dtype, max_tokens, lean=False, profile=None
+) -> dict:
     torch.manual_seed(0)
     model = new_model(
         cfg, dtype=dtype, device=device, attention=args.attention, fused_ops=args.fused_ops,
         activation_checkpointing=checkpointing, loss_chunk_size=args.loss_chunk_size,
-        selective_every=args.selective_every,
+        selective_every=args.selective_every, lean_step=lean,
     ).train()
     backend, ops = model.resolve(device)
-    batches = packed_batches(samples, max_tokens, device, args.seed_batch if args.workload == "seed" else None)
+    batches = packed_batches(
+        samples, max_tokens, device, args.seed_batch if args.workload == "seed" else None, cfg=cfg
+    )
 
     def step(b):
-        loss_sum, num = model.loss(b)
+        loss_sum, num = model.loss(b["packed"])
         (loss_sum / max(num, 1)).backward()
         for p in model.parameters():
             p.grad = None
 
     try:
         result = run_steps(step, batches, warmup, device)
-        if args.profile:
-            profile_steps(step, batches[: args.profile_steps], args.profile, device)
+        if args.sync_check:
+            result["host_syncs_per_step"] = count_host_syncs(step, batches[0], device)
+        if profile:
+            profile_steps(step, batches[: args.profile_steps], profile, device)
     except Exception as err:  # noqa: BLE001
         if not is_oom(err):
             raise
         result = {"error": "out of memory"}
-    result.update(attention=backend, fused_ops=ops.mode, checkpointing=checkpointing, max_tokens=max_tokens)
+    if "step_ms" in result:
+        result["step_flops"] = [b["useful_flops"] for b in batches]
+    result.update(
+        attention=backend, fused_ops=ops.mode, checkpointing=checkpointing, max_tokens=max_tokens, lean_step=lean
+    )
     if checkpointing == "selective":
         result["selective_every"] = args.selective_every
     return result
@@ -358,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-batch", type=int, default=8, help="seed workload: samples per step (one square)")
     p.add_argument("--profile", default=None, help="ours: write a torch-profiler per-kernel table here")
     p.add_argument("--profile-steps", type=int, default=6)
+    p.add_argument("--sync-check", action="store_true", help="ours: count host syncs in one step (CUDA)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -382,39 +455,47 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(samples)} samples, {real_tokens} real tokens; {flops / real_tokens / 1e9:.2f} useful GFLOP/token; "
         f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
     results: dict[str, dict] = {}
-    for spec in args.stacks.split(","):
+    specs = args.stacks.split(",")
+    num_ours = sum(s.startswith("ours") for s in specs)
+    for spec in specs:
         # "ours@32768": the same stack with another packing budget
         stack, _, tokens = spec.partition("@")
         max_tokens = int(tokens) if tokens else args.max_tokens
         log(f"== {spec}")
         t0 = time.perf_counter()
+        prof = profile_path(args.profile, spec, num_ours) if args.profile else None
         if stack == "hf_eager":
             bs = [int(x) for x in args.eager_batch_sizes.split(",")]
             r = bench_hf(cfg, samples, "eager", False, bs, args.warmup, device, dtype, log)
         elif stack in ("hf_sdpa", "hf_sdpa_compile"):
             bs = [int(x) for x in args.hf_batch_sizes.split(",")]
             r = bench_hf(cfg, samples, "sdpa", stack.endswith("compile"), bs, args.warmup, device, dtype, log)
-        elif stack == "ours":
-            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens)
+        elif stack in ("ours", "ours_lean"):
+            r = bench_ours(
+                cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens,
+                lean=stack == "ours_lean", profile=prof,
+            )
         elif stack == "ours_nocompile":
             saved = args.fused_ops
             args.fused_ops = "none"
-            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens)
+            r = bench_ours(cfg, samples, args, args.checkpointing, args.warmup, device, dtype, max_tokens, profile=prof)
             args.fused_ops = saved
         elif stack.startswith("ours_"):  # ours_<checkpointing>, e.g. ours_selective / ours_full
-            r = bench_ours(cfg, samples, args, stack[5:], args.warmup, device, dtype, max_tokens)
+            r = bench_ours(cfg, samples, args, stack[5:], args.warmup, device, dtype, max_tokens, profile=prof)
         else:
             raise SystemExit(f"unknown stack {stack!r}")
         free(device)  # the stack's model went out of scope with its function
         r["wall_s_incl_warmup_and_compile"] = time.perf_counter() - t0
         if "time_s" in r:
             r["useful_mfu"] = flops / r["time_s"] / peak if peak == peak else float("nan")
+        if r.get("step_flops"):
+            r.update(fixed_cost_fit(r["step_ms"], r.pop("step_flops"), peak))
         results[spec] = r
         log(f"   {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != 'step_ms'})}")
         log(f"   step ms: {r.get('step_ms')}")
 
     base = max((r.get("real_tokens_per_s", 0) for k, r in results.items() if k.startswith("hf_")), default=0)
-    header = f"{'stack':<16}{'batch':>8}{'tokens/s':>11}{'samples/s':>11}{'step s':>9}{'peak GiB':>10}{'pad %':>7}{'MFU %':>7}{'x HF':>7}"
+    header = f"{'stack':<16}{'batch':>8}{'tokens/s':>11}{'samples/s':>11}{'step s':>9}{'peak GiB':>10}{'pad %':>7}{'MFU %':>7}{'x HF':>7}{'fixed ms':>10}{'marg %':>8}"
     log(header)
     for name, r in results.items():
         if "time_s" not in r:
@@ -424,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = r["real_tokens_per_s"] / base if base else float("nan")
         log(f"{name:<16}{batch!s:>8}{r['real_tokens_per_s']:>11.0f}{r['samples_per_s']:>11.2f}{r['step_time_s']:>9.3f}"
             f"{r['peak_mem_gib']:>10.1f}{100 * r['padding_fraction']:>7.1f}{100 * r.get('useful_mfu', float('nan')):>7.1f}"
-            f"{ratio:>7.2f}")
+            f"{ratio:>7.2f}{r.get('fixed_ms_per_step', float('nan')):>10.1f}{100 * r.get('marginal_mfu', float('nan')):>8.1f}")
     if args.out:
         meta = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "command": " ".join(sys.argv), "layers": args.layers, "width": args.width, "workload": args.workload,

@@ -113,6 +113,10 @@ class ModelConfig(Strict):
         "0: op-level policy instead (keep matmul/attention outputs, recompute norms, rotary, relu²)."
     )
     loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
+    lean_step: bool = Field(
+        False, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
+        "gradient); same values up to rounding. Helps small micro-batches (the seed's 8-sample batches)."
+    )
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
 
 
@@ -219,6 +223,49 @@ class FaultsConfig(Strict):
         return self
 
 
+class TrainEvalConfig(Strict):
+    """`eval:` of a fine-tune: a benchmark run on the training workers' own model during training.
+
+    Items are sharded over the ranks and answered with the model's batched greedy `generate` (the evaluation
+    predictor's prompt building), scored with the benchmark's official metric, and logged to the eval history,
+    wandb, Ray's metrics and `ray.train.report`. Training data, randomness, checkpoints and resume are not
+    affected (docs/internals.md "Training loop seam")."""
+
+    benchmark: str = Field("magnifierbench", description="A registered benchmark (otterhd_ray/eval/benchmarks).")
+    data_path: str = Field("", description="Local HF dataset dir / parquet (or hub id); default: the benchmark's.")
+    split: str = Field("", description="Default: the benchmark's split.")
+    config: str | None = Field(None, description="HF dataset config (mmbench: en, scienceqa: ScienceQA-IMG).")
+    prompt: str = Field("", description="Prepended to every question with a space (the seed's `prompt`).")
+    post_prompt: str | None = Field(None, description="Appended to every question; default: the benchmark's.")
+    max_items: int = Field(
+        0, ge=0, description="Evaluate the first N usable items (the same subset every time); 0: all."
+    )
+    model_name: Literal["fuyu", "otterhd"] = Field(
+        "otterhd", description="Prompt convention: fuyu = the raw question; otterhd = `User: {q} Assistant:`."
+    )
+    resolution: int = Field(-1, description="Short side the image is resized to first; -1: native size.")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Answer length; default: the benchmark's, else 64."
+    )
+    batch_size: int = Field(8, gt=0, description="Items per generate call on each rank.")
+    every_n_steps: int = Field(0, ge=0, description="Evaluate after every N-th optimizer step; 0: never.")
+    at_epoch_end: bool = Field(True, description="Evaluate after the last step of every epoch.")
+    at_end: bool = Field(True, description="Evaluate after the run's last step (also when max_steps cuts it).")
+    mc_parse: Literal["strict", "legacy"] = Field("strict", description="Multiple-choice parser (see evaluate).")
+    judge: Literal["rule"] = Field(
+        "rule", description="Free-form answers: the rule judge only (no API calls or keys on training workers); "
+        "score them with the GPT judge through `otterhd evaluate` on the exported checkpoint."
+    )
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> TrainEvalConfig:
+        if not (self.every_n_steps or self.at_epoch_end or self.at_end):
+            raise ValueError("eval: set every_n_steps, at_epoch_end or at_end (or drop the eval section)")
+        if self.resolution != -1 and self.resolution < 30:
+            raise ValueError("eval.resolution must be -1 (native) or at least 30 pixels (one patch)")
+        return self
+
+
 class WandbConfig(Strict):
     enabled: bool = False
     project: str = "otterhd-ray"
@@ -237,6 +284,7 @@ class FinetuneConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Tests only: fault injection.")
+    eval: TrainEvalConfig | None = Field(None, description="Evaluation inside the training job; none: off.")
 
     @model_validator(mode="after")
     def _tokenizer_defaults_to_model(self) -> FinetuneConfig:

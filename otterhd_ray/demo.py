@@ -73,8 +73,12 @@ def ensure_demo_data(cfg: FinetuneConfig) -> None:
         logging.getLogger("otterhd_ray.demo").info(
             "demo: synthesising %s training samples into %s", n if n > 0 else 64, train_dir
         )
-        synthesize(train_dir.parent, num_train=n if n > 0 else 64, num_bench=0, seed=cfg.data.seed, level=LEVEL,
-                   mc_fraction=MC_FRACTION, mc_prompt=benchmark_prompt())
+        # the held-out benchmark (another seed) too when the config's in-training evaluation reads it from beside
+        # the shards
+        bench = cfg.eval is not None and Path(cfg.eval.data_path) == train_dir.parent / "magnifierbench"
+        synthesize(train_dir.parent, num_train=n if n > 0 else 64, num_bench=NUM_BENCH if bench else 0,
+                   seed=cfg.data.seed, level=LEVEL, bench_seed=cfg.data.seed + 1, mc_fraction=MC_FRACTION,
+                   mc_prompt=benchmark_prompt())
     ensure_tokenizer(cfg.data.tokenizer_path)
 
 

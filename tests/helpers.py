@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 import torch
+
+from otterhd_ray.models.fuyu.inputs import PackedBatch
+
+if TYPE_CHECKING:
+    from otterhd_ray.data.pipeline import MicroBatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI copies shared/ next to its clone; on a workstation it sits beside the checkout too.
@@ -69,7 +74,7 @@ def questions(cfg: Any, rows: int, cols: int, num: int, seed: int) -> list[tuple
     return [(torch.tensor(head + tail), patches_PD) for tail in own]
 
 
-def pack(samples: list[Sample], device: torch.device | str | None = None) -> dict[str, Any]:
+def pack(samples: list[Sample], device: torch.device | str | None = None) -> PackedBatch:
     """The packed micro-batch of docs/internals.md, written out independently of the data layer (the model
     tests' oracle): targets shifted within each sample, positions restarting per sample."""
     lengths = [len(s.input_ids) for s in samples]
@@ -79,27 +84,46 @@ def pack(samples: list[Sample], device: torch.device | str | None = None) -> dic
         t[:-1] = s.labels[1:]
         targets.append(t)
     target_ids = torch.cat(targets)
-    batch = {
-        "input_ids": torch.cat([s.input_ids for s in samples]),
-        "target_ids": target_ids,
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-        "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
-        "max_seqlen": max(lengths),
-        "patches": torch.cat([s.patches for s in samples]),
-        "num_target_tokens": int((target_ids != IGNORE).sum()),
-    }
-    if device is not None:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
+    batch = PackedBatch(
+        input_ids=torch.cat([s.input_ids for s in samples]),
+        target_ids=target_ids,
+        position_ids=torch.cat([torch.arange(n) for n in lengths]),
+        cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
+        max_seqlen=max(lengths),
+        patches=torch.cat([s.patches for s in samples]),
+        num_target_tokens=int((target_ids != IGNORE).sum()),
+    )
+    return batch if device is None else batch.to(device)
+
+
+def micro_batch(samples: list[Sample], first_index: int, epoch: int = 0, position: int = 0) -> MicroBatch:
+    """`pack(samples)` as a data source yields it: sample indices `first_index, first_index + 1, ...`."""
+    from otterhd_ray.data.pipeline import MicroBatch  # the data stack, only for the tests that need it
+
+    indices = list(range(first_index, first_index + len(samples)))
+    return MicroBatch(pack(samples), torch.tensor(indices), tuple(f"s{i}" for i in indices), epoch, position)
 
 
 def as_row(s: Sample, index: int) -> dict[str, Any]:
-    """`s` as a preprocessed row (numpy), the form the data layer's packer (`assemble`) takes."""
-    return {"input_ids": s.input_ids.numpy(), "labels": s.labels.numpy(), "patches": s.patches.numpy(),
-            "sample_index": index}
+    """`s` as a preprocessed row (numpy), the form the data layer's packer (`assemble`, `collate`) takes."""
+    return {"id": f"s{index}", "input_ids": s.input_ids.numpy(), "labels": s.labels.numpy(),
+            "patches": s.patches.numpy(), "sample_index": index}
 
 
 def train_rows(cfg: Any, seed: int) -> list[dict[str, Any]]:
     """Three rows of different image shapes and supervised counts (the engine and data-parallel tests)."""
     shapes = [(2, 3, 9), (1, 4, 13), (3, 2, 6)]
     return [as_row(sample(cfg, r, c, t, seed + i, num_targets=t // 2 + 1), i) for i, (r, c, t) in enumerate(shapes)]
+
+
+def reset_distributed() -> None:
+    """Tear down a 1-rank gloo group DeepSpeed made in this process, and DeepSpeed's caches of it (its cached
+    world-group clone outlives `destroy_process_group` and breaks the next module's `deepspeed.initialize`).
+    For module fixtures of in-process DeepSpeed tests, before and after."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    ds_groups._WORLD_GROUP = None

@@ -21,7 +21,7 @@ Choices are deterministic: the pipeline draws sample i's size from value i of `e
 so a sample's size never depends on which worker processed it or in which order.
 
 **Packing.** `plan_packs(lengths, keys, max_tokens)` groups samples into packed micro-batches with no padding, and
-`assemble` concatenates processed samples (docs/internals.md "Processed sample") into one ("Packed micro-batch").
+`assemble` concatenates processed samples (docs/internals.md "Processed sample") into one `PackedBatch`.
 `StreamingPacker` keeps a bounded buffer per bucket group; once a group holds `lookahead` (default 4) budgets'
 worth of tokens, or `buffer_size` samples (the memory cap, applied once at least one budget is buffered), it emits
 one micro-batch: the longest buffered sample, then repeatedly the longest one that still fits (greedy
@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from otterhd_ray.config import BucketConfig
-from otterhd_ray.models.fuyu.inputs import HF_IMAGE_BOX_HW, IGNORE_INDEX, PATCH_DIM, PATCH_SIZE
+from otterhd_ray.models.fuyu.inputs import HF_IMAGE_BOX_HW, IGNORE_INDEX, PATCH_DIM, PATCH_SIZE, PackedBatch
 
 TOO_LONG = "too_long"
 DEFAULT_BUFFER_SIZE = 256
@@ -237,8 +238,11 @@ def packing_efficiency(num_real_tokens: int, num_micro_batches: int, max_tokens:
 
 
 # ----------------------------------------------------------------------------------------- micro-batches
-def assemble(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate processed samples into one packed micro-batch (numpy; see docs/internals.md)."""
+def assemble(samples: list[dict[str, Any]]) -> PackedBatch:
+    """Concatenate processed samples (numpy rows) into one packed micro-batch (docs/internals.md).
+
+    This is where the pipeline's numpy turns into the model's torch tensors: the rows are concatenated in numpy,
+    then wrapped with `torch.from_numpy` (no copy). Rows stay numpy up to here because Ray Data moves numpy."""
     if not samples:
         raise ValueError("assemble: no samples")
     ids, targets, positions, patches, cu = [], [], [], [], [0]
@@ -252,33 +256,15 @@ def assemble(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ids.append(input_ids)
         targets.append(target)
         positions.append(np.arange(len(input_ids), dtype=np.int64))
-        p = np.asarray(s["patches"], dtype=np.uint8).reshape(-1, PATCH_DIM)
-        patches.append(p)
+        patches.append(np.asarray(s["patches"], dtype=np.uint8).reshape(-1, PATCH_DIM))
         cu.append(cu[-1] + len(input_ids))
     target_ids = np.concatenate(targets)
-    lengths = np.diff(cu)
-    return {
-        "input_ids": np.concatenate(ids),
-        "target_ids": target_ids,
-        "position_ids": np.concatenate(positions),
-        "cu_seqlens": np.asarray(cu, dtype=np.int32),
-        "max_seqlen": int(lengths.max()),
-        "patches": np.concatenate(patches, axis=0),
-        "sample_index": np.asarray([int(s.get("sample_index", -1)) for s in samples], dtype=np.int64),
-        "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
-    }
-
-
-def collate_to_torch(mb: dict[str, Any]) -> dict[str, Any]:
-    """Numpy micro-batch -> torch tensors (zero-copy where dtypes allow); ints stay Python ints."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for name, value in mb.items():
-        if isinstance(value, np.ndarray):
-            dtype = np.int32 if name == "cu_seqlens" else (np.uint8 if name == "patches" else None)
-            arr = value.astype(dtype, copy=False) if dtype is not None else value
-            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
-        else:
-            out[name] = value
-    return out
+    return PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate(ids)),
+        target_ids=torch.from_numpy(target_ids),
+        position_ids=torch.from_numpy(np.concatenate(positions)),
+        cu_seqlens=torch.from_numpy(np.asarray(cu, dtype=np.int32)),
+        max_seqlen=int(np.diff(cu).max()),
+        patches=torch.from_numpy(np.ascontiguousarray(np.concatenate(patches, axis=0))),
+        num_target_tokens=int((target_ids != IGNORE_INDEX).sum()),
+    )

@@ -10,6 +10,8 @@ Modes (`ModelConfig.fused_ops`):
              LayerNorm, qk-norm, the rotary and relu² into few kernels around the matmuls (one graph for every
              packed length);
 - `liger`/`triton`: Liger-Kernel's Triton LayerNorm for the block and qk norms (imported lazily; GPU only).
+`compile` also compiles the loss's per-chunk softmax/gradient math (`ops.loss.softmax_grad_fused`), which the
+model uses when its `lean_step` switch is on.
 `auto` is `compile` on CUDA and `none` on CPU. The parameters and the checkpoint layout are the same in every
 mode; the test suite compares each mode with the reference.
 
@@ -25,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from otterhd_ray.ops.loss import SoftmaxGrad, softmax_grad_fused, softmax_grad_reference
 
 MODES = ("none", "compile", "liger", "triton")
 
@@ -146,6 +150,7 @@ class FusedOps:
     attn_in: Callable
     attn_out: Callable
     layer_norm: Callable
+    softmax_grad: SoftmaxGrad = softmax_grad_reference  # the loss's per-chunk math (ops/loss.py)
 
 
 def _liger_layer_norm() -> Callable:
@@ -175,6 +180,18 @@ def _token_dynamic(fn: Callable) -> Callable:
     return run
 
 
+def _rows_dynamic(fn: SoftmaxGrad) -> SoftmaxGrad:
+    """torch.compile the loss's per-chunk math with the row count symbolic (it changes every micro-batch)."""
+    compiled = torch.compile(fn)
+
+    def run(logits_NV: torch.Tensor, targets_N: torch.Tensor, ignore_index: int):
+        torch._dynamo.maybe_mark_dynamic(logits_NV, 0)
+        torch._dynamo.maybe_mark_dynamic(targets_N, 0)
+        return compiled(logits_NV, targets_N, ignore_index)
+
+    return run
+
+
 def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     """Turn `ModelConfig.fused_ops` into callables for `device`, or raise ValueError naming the fix."""
     device = torch.device(device)
@@ -183,7 +200,10 @@ def resolve_fused_ops(mode: str, device: torch.device | str) -> FusedOps:
     if mode == "none":
         return FusedOps("none", attn_in, attn_out, layer_norm)
     if mode == "compile":
-        return FusedOps("compile", _token_dynamic(attn_in), _token_dynamic(attn_out), _token_dynamic(layer_norm))
+        return FusedOps(
+            "compile", _token_dynamic(attn_in), _token_dynamic(attn_out), _token_dynamic(layer_norm),
+            _rows_dynamic(softmax_grad_fused),
+        )
     if mode in ("liger", "triton"):
         if device.type != "cuda":
             raise ValueError(f"fused_ops={mode!r} runs Triton kernels and needs a CUDA device; use 'compile' or 'none'")

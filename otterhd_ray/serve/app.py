@@ -4,7 +4,11 @@
 it in-process with no Serve. Every check runs before the request is queued: auth, body size, JSON, fields,
 model name, image fetch and decode, prompt length; only then does the request reach the batcher.
 
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /` (the web page).
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /stats` (recent server-side timings and
+batch sizes, `?after=N` for the records after N), `GET /` (the web page).
+
+CPU work of a request (JSON of a multi-MB body, base64, image decode/resize/patchify) runs in worker threads, never
+on the event loop, so 32 requests prepare in parallel and the loop keeps streaming tokens of the running batch.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ class ChatService:
                            "model", "model_not_found")
 
     async def read_json(self, request: Request) -> Any:
+        body = await self._read_body(request)
+        try:
+            # A body with an inline image is megabytes of JSON: parse it off the event loop.
+            return json.loads(body) if len(body) < 65536 else await asyncio.to_thread(json.loads, body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON ({err})"[:200], None, "invalid_json") from None
+
+    async def _read_body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             raise APIError(413, f"request body is over the {self.max_body_bytes}-byte limit", None,
@@ -69,19 +81,17 @@ class ChatService:
             if len(body) > self.max_body_bytes:
                 raise APIError(413, f"request body is over the {self.max_body_bytes}-byte limit", None,
                                "request_too_large")
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON ({err})"[:200], None, "invalid_json") from None
+        return bytes(body)
 
-    async def submit(self, req: ChatRequest) -> Ticket:
-        """Image, prompt, queue: every refusal here comes before any model work."""
+    async def submit(self, req: ChatRequest, arrived: float | None = None) -> Ticket:
+        """Image, prompt, queue: every refusal here comes before any model work. `arrived`: perf_counter() when
+        the request came in (for the server-side timings)."""
         image = None
         if req.image_url is not None:
             image = await asyncio.to_thread(self._image, req.image_url)
         prepared = self.engine.prepare(req, image)
         try:
-            return self.batcher.submit(prepared)
+            return self.batcher.submit(prepared, arrived)
         except QueueFull as err:
             raise APIError(429, f"the server is at capacity ({self.batcher.max_queue} requests waiting); retry "
                            f"after {err.retry_after_s} s", None, "rate_limit_exceeded",
@@ -116,17 +126,19 @@ async def _stream(service: ChatService, req: ChatRequest, ticket: Ticket) -> Asy
     name = service.model_name
     try:
         yield _sse(protocol.chunk(req, name, {"role": "assistant", "content": ""}))
-        async for event in ticket:
-            if isinstance(event, Delta):
-                yield _sse(protocol.chunk(req, name, {"content": event.text}))
-            elif isinstance(event, Failed):
-                yield _sse(APIError(500, event.message, None, "generation_failed").body())
-                break
-            elif isinstance(event, Finished):
-                yield _sse(protocol.chunk(req, name, {}, event.reason))
-                if req.include_usage:
-                    counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
-                    yield _sse(protocol.chunk(req, name, {}, usage_counts=counts, choices=False))
+        async for events in ticket.chunks():  # one write per group of queued events (OpenAI's chunks, in order)
+            out = []
+            for event in events:
+                if isinstance(event, Delta):
+                    out.append(_sse(protocol.chunk(req, name, {"content": event.text})))
+                elif isinstance(event, Failed):
+                    out.append(_sse(APIError(500, event.message, None, "generation_failed").body()))
+                elif isinstance(event, Finished):
+                    out.append(_sse(protocol.chunk(req, name, {}, event.reason)))
+                    if req.include_usage:
+                        counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                        out.append(_sse(protocol.chunk(req, name, {}, usage_counts=counts, choices=False)))
+            yield "".join(out)
         yield "data: [DONE]\n\n"
     finally:
         ticket.cancel()  # the client went away mid-stream: free the row at the next decode step
@@ -173,12 +185,19 @@ def create_app(service: ChatService) -> FastAPI:
         return JSONResponse({"object": "list", "data": [
             {"id": service.model_name, "object": "model", "created": service.started, "owned_by": "otterhd"}]})
 
+    @app.get("/stats")
+    async def stats(request: Request, after: int = 0) -> JSONResponse:
+        service.check_auth(request)
+        return JSONResponse(service.batcher.stats.snapshot(after))
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
+        arrived = time.perf_counter()
         service.check_auth(request)
-        req = protocol.parse_chat_request(await service.read_json(request))
-        service.check_model(req.model)
-        ticket = await service.submit(req)
+        with service.batcher.arriving():  # a ready batch waits for this request (bounded), not the next batch
+            req = protocol.parse_chat_request(await service.read_json(request))
+            service.check_model(req.model)
+            ticket = await service.submit(req, arrived)
         if req.stream:
             return StreamingResponse(_stream(service, req, ticket), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -46,7 +46,7 @@ def build_service(options: ServeOptions, metrics: ServeMetrics | None = None) ->
     engine = load_engine(options)
     metrics = metrics or NullMetrics()
     batcher = Batcher(engine.run_batch, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                      batch_wait_s=options.batch_wait_s, metrics=metrics)
+                      batch_wait_s=options.batch_wait_s, arrival_wait_s=options.arrival_wait_s, metrics=metrics)
     policy = ImagePolicy(max_image_bytes=options.max_image_bytes, max_pixels=options.max_pixels,
                          fetch_timeout_s=options.fetch_timeout_s, allow_local_dir=options.allow_local_dir)
     return ChatService(engine=engine, batcher=batcher, model_name=options.served_name, image_policy=policy,

@@ -10,8 +10,8 @@ from typing import Any
 
 # CLI flag -> ServeOptions key, for the options both commands share.
 _MODEL_FLAGS = ("model", "adapter", "device", "dtype", "resolution", "prompt_style")
-_SERVE_FLAGS = ("name", "max_batch_size", "max_queue", "batch_wait_s", "default_max_tokens", "max_context",
-                "max_body_bytes", "max_image_bytes", "max_pixels", "fetch_timeout_s", "allow_local_dir",
+_SERVE_FLAGS = ("name", "max_batch_size", "max_queue", "batch_wait_s", "arrival_wait_s", "default_max_tokens",
+                "max_context", "max_body_bytes", "max_image_bytes", "max_pixels", "fetch_timeout_s", "allow_local_dir",
                 "api_key_env")
 
 
@@ -35,6 +35,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=128, help="waiting requests per replica before 429")
     p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--arrival-wait-s", type=float, default=1.0,
+                   help="longest a ready batch waits for requests still decoding their image")
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--max-body-bytes", type=int, default=32 * 2**20)

@@ -211,7 +211,8 @@ class Engine:
     def run_batch(
         self, batch: Sequence[Prepared], cancelled: MutableSet[int] | None = None
     ) -> Iterator[list[tuple[int, Event]]]:
-        """Decode a batch; yields per model step the `(row, event)` pairs it produced, then each row's `Finished`.
+        """Decode a batch; yields per model step the `(row, event)` pairs it produced (possibly none: text held back),
+        then each unfinished row's `Finished`.
 
         A row is added to `cancelled` when it finishes on a stop string (the model stops it at the next step);
         rows the caller puts in `cancelled` end with reason "cancelled". Blocking: run it on the model thread."""
@@ -236,8 +237,7 @@ class Engine:
                     if row.finish_reason is not None:
                         cancelled.add(index)
                         events.append((index, self._finished(row, batch[index])))
-                if events:
-                    yield events
+                yield events  # even when empty: the first yield marks every row's first token (server TTFT)
         tail = [(i, self._finished(row, batch[i], "cancelled" if i in cancelled else "length"))
                 for i, row in enumerate(rows) if row.finish_reason is None]
         if tail:

@@ -33,7 +33,7 @@ class ImagePolicy:
 class PreparedImage:
     patches_PC: np.ndarray  # uint8 [P, 2700]
     grid: tuple[int, int]
-    digest: str  # identifies equal images, so a batch can put their prompts side by side (shared prefill)
+    digest: str  # identifies equal image files (at one resolution): a batch puts their prompts side by side
 
 
 def _data_uri(url: str, policy: ImagePolicy, param: str) -> bytes:
@@ -108,5 +108,7 @@ def prepare_image(data: bytes, policy: ImagePolicy, resolution: int = -1, param:
                            param, "image_too_large") from None
         raise APIError(400, f"'{param}': not a usable image ({err})"[:300], param, "invalid_image") from None
     patches_PC, grid = patchify(np.asarray(resize_image(resize_short_side(image, resolution)), dtype=np.uint8))
-    digest = hashlib.blake2b(patches_PC.tobytes(), digest_size=16).hexdigest()
+    # Same bytes at the same resolution -> same patches: hashing the encoded file is 3-4x less data than the
+    # patches (1.9 MB vs 6.2 MB for a 1920x1080 JPEG). Only a grouping hint: `prefix_groups` compares the patches.
+    digest = hashlib.blake2b(data, digest_size=16, person=str(resolution).encode()[:16]).hexdigest()
     return PreparedImage(patches_PC, (int(grid[0]), int(grid[1])), digest)

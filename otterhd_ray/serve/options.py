@@ -26,6 +26,8 @@ class ServeOptions(BaseModel):
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one batch")
     max_queue: int = Field(128, ge=1, description="requests waiting for a batch before answering 429")
     batch_wait_s: float = Field(0.01, ge=0, description="wait after the first queued request for more to batch")
+    arrival_wait_s: float = Field(
+        1.0, ge=0, description="longest a ready batch waits for requests still being prepared (image decode) to join")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none")
     max_context: int | None = Field(None, ge=2, description="context limit (default: the model's positions)")
     share_prefix: bool = Field(True, description="requests with the same image share one prefill")

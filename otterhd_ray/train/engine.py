@@ -10,9 +10,9 @@ passes in is already normalised (`loss_sum * world_size / step_target_tokens`, s
 engines must apply no further scaling by the accumulation count; the data-parallel gradient mean supplies the
 `1 / world_size`.
 
-The model must expose `loss(batch) -> (loss_sum, num_target_tokens)` (docs/internals.md). DeepSpeed only sees a
-`LossModule` wrapper whose `forward(batch)` calls it, so ZeRO-3's parameter-gathering hooks run (they live on
-module calls, not on arbitrary methods).
+The model must expose `loss(batch: PackedBatch) -> (loss_sum, num_target_tokens)` (docs/internals.md). DeepSpeed
+only sees a `LossModule` wrapper whose `forward(batch)` calls it, so ZeRO-3's parameter-gathering hooks run
+(they live on module calls, not on arbitrary methods).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from otterhd_ray.config import FinetuneConfig
 from otterhd_ray.train.deepspeed import build_deepspeed_config, resolve_precision
 from otterhd_ray.train.schedule import build_optimizer, build_scheduler, param_groups
 
+if TYPE_CHECKING:
+    from otterhd_ray.models.fuyu.inputs import PackedBatch
+
 # Files a checkpoint directory holds per engine (checkpoint.py checks them before trusting a checkpoint).
 TORCH_MODEL_FILE = "model.pt"
 TORCH_OPTIM_FILE = "optimizer.pt"
@@ -37,21 +40,17 @@ DS_TAG = "deepspeed"
 
 
 class LossModule(nn.Module):
-    """`forward(batch) -> (loss_sum, num_target_tokens)`: lets DeepSpeed/DDP call `model.loss` as a forward."""
+    """`forward(batch) -> (loss_sum, num_target_tokens)`: lets DeepSpeed/DDP call `model.loss` as a forward.
+
+    DDP's input move and ZeRO-3's backward hooks look into tuples, lists and dicts only, so they leave a
+    `PackedBatch` as it is: the loop has already moved it, and none of its tensors requires grad."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         return self.model.loss(batch)
-
-
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move tensors (non-blocking; pinned host memory makes it async on GPU); keep python values as they are."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 class Engine(ABC):
@@ -61,7 +60,7 @@ class Engine(ABC):
     model: nn.Module  # the bare model (for export and evaluation), never the wrapper
 
     @abstractmethod
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         """`(loss_sum, num_target_tokens)` of one packed micro-batch already on `self.device`."""
 
     @abstractmethod
@@ -109,7 +108,7 @@ class TorchEngine(Engine):
         precision = resolve_precision(cfg.train.precision, device.type == "cuda")
         self._autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         if self._autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                 return self._module(batch)
@@ -208,7 +207,7 @@ class DeepSpeedEngine(Engine):
     def ds_engine(self) -> Any:
         return self._engine
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         return self._engine(batch)
 
     def backward(self, loss: torch.Tensor, is_boundary: bool) -> None:

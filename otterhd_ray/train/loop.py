@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -46,8 +46,12 @@ from otterhd_ray.train.checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from otterhd_ray.train.engine import Engine, batch_to_device, build_engine
-from otterhd_ray.train.metrics import MetricsSink, WindowAccumulator, flops_per_token, peak_flops
+from otterhd_ray.train.engine import Engine, build_engine
+from otterhd_ray.train.evaluation import build_evaluator
+from otterhd_ray.train.metrics import MetricsSink, MicroCounts, WindowAccumulator, flops_per_token, peak_flops
+
+if TYPE_CHECKING:
+    from otterhd_ray.data.pipeline import MicroBatch
 
 logger = logging.getLogger("otterhd_ray.train")
 
@@ -58,7 +62,7 @@ class DataSource(Protocol):
 
     def num_micro_batches(self, epoch: int) -> int: ...
 
-    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[MicroBatch]:
         """Micro-batches of `epoch` from position `start` on (a resumed run skips the consumed ones)."""
         ...
 
@@ -202,7 +206,7 @@ class PipelineSource:
             return int(self._schedules[epoch].per_rank)
         return int(epoch_num_micro_batches(self.cfg, self.tokenizer_dir, self.world_size, epoch))
 
-    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[MicroBatch]:
         from otterhd_ray.data.pipeline import build_train_iterator
 
         it = build_train_iterator(
@@ -344,6 +348,7 @@ def _run(
         extra_files[MODEL_CONFIG_FILE] = json.dumps(engine.model.config.to_hf_dict(), indent=2)
     flops_tok, peak = flops_per_token(engine.model, 1.0), peak_flops(device)
     resumed_from = state.global_step
+    evaluator = build_evaluator(cfg, engine, rank, world, sink, resumed_from)  # `eval:`; a no-op without it
     last: dict[str, Any] = {}
 
     def checkpoint_and_report(metrics: dict[str, Any]) -> None:
@@ -378,6 +383,7 @@ def _run(
             if state.micro_batch >= num_micro:  # a checkpoint taken now must resume at the next epoch
                 state.epoch, state.micro_batch = epoch + 1, 0
             faults.maybe_die(state.global_step)
+            evaluated = evaluator.after_step(state, epoch, window)  # before the checkpoint: its report carries it
 
             at_end = state.global_step >= total and cfg.train.checkpoint_at_end
             want_ckpt = at_end or bool(every and state.global_step % every == 0)
@@ -386,7 +392,9 @@ def _run(
                 last["attempt"] = attempt
                 sink.log(last, total)
                 if want_ckpt:
-                    checkpoint_and_report(last)
+                    checkpoint_and_report({**last, **evaluated})
+            if evaluated and not want_ckpt:
+                ctx.report(evaluated)  # every rank, like checkpoint reports (Train V2 reports are a barrier)
             faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()
@@ -407,26 +415,32 @@ def write_loss_png(metrics_path: Path) -> None:
 
 
 def _train_step(
-    engine: Engine, micro: list[dict[str, Any]], window: WindowAccumulator, world: int, device: torch.device
+    engine: Engine, micro: list[MicroBatch], window: WindowAccumulator, world: int, device: torch.device
 ) -> None:
-    local_tokens = sum(int(mb["num_target_tokens"]) for mb in micro)
+    local_tokens = sum(_target_tokens(mb) for mb in micro)
     step_tokens = torch.tensor(float(local_tokens), device=device)
     if world > 1:
         torch.distributed.all_reduce(step_tokens)
     scale = world / step_tokens.clamp_min(1.0)
     for i, mb in enumerate(micro):
-        cu = mb["cu_seqlens"]
-        lengths = (cu[1:] - cu[:-1]).to(torch.float64)  # host tensor: computed before the device copy
-        host = {
-            "target_tokens": float(mb["num_target_tokens"]),
-            "tokens": float(mb["input_ids"].shape[0]),
-            "samples": float(mb["sample_index"].shape[0]),
-            "seq_sq": float((lengths * lengths).sum()),
-        }
-        loss_sum, _ = engine.forward(batch_to_device(mb, device))
+        counts = _host_counts(mb)  # before the device copy: host tensors, no sync
+        loss_sum, _ = engine.forward(mb.packed.to(device, non_blocking=True))
         engine.backward(loss_sum * scale.to(loss_sum.dtype), is_boundary=i == len(micro) - 1)
-        window.add_micro(loss_sum, host)
+        window.add_micro(loss_sum, counts)
     window.add_step(engine.step())
+
+
+def _target_tokens(mb: MicroBatch) -> int:
+    if mb.packed.num_target_tokens is None:  # the pipeline always counts; a data source must too
+        raise ValueError(f"micro-batch {mb.position} of epoch {mb.epoch} has no num_target_tokens")
+    return mb.packed.num_target_tokens
+
+
+def _host_counts(mb: MicroBatch) -> MicroCounts:
+    cu = mb.packed.cu_seqlens
+    lengths = (cu[1:] - cu[:-1]).to(torch.float64)
+    return MicroCounts(target_tokens=_target_tokens(mb), tokens=mb.packed.num_tokens, samples=mb.num_samples,
+                       seq_sq=float((lengths * lengths).sum()))
 
 
 def _window_metrics(
@@ -435,17 +449,17 @@ def _window_metrics(
 ) -> dict[str, Any]:
     m = window.read(world)
     # Global counts (all ranks, fillers' tokens included); every rank reads the same all-reduced window.
-    state.samples_seen += int(m["samples"])
-    state.tokens_seen += int(m["tokens"])
+    state.samples_seen += int(m.samples)
+    state.tokens_seen += int(m.tokens)
     # flops_tok was computed for seq len 1; add the attention term for this window's mean sample length.
     cfg = getattr(engine.model, "config", None)
-    attn = 6.0 * getattr(cfg, "num_layers", 0) * getattr(cfg, "hidden_size", 0) * (m["mean_seq_sq"] - 1.0)
-    mfu = (m["tokens_per_s_per_worker"] * (flops_tok + max(attn, 0.0)) / peak) if peak else None
+    attn = 6.0 * getattr(cfg, "num_layers", 0) * getattr(cfg, "hidden_size", 0) * (m.mean_seq_sq - 1.0)
+    mfu = (m.tokens_per_s_per_worker * (flops_tok + max(attn, 0.0)) / peak) if peak else None
     peak_gib = None
     if torch.cuda.is_available() and engine.device.type == "cuda":  # host-side allocator counter: no sync
         peak_gib = torch.cuda.max_memory_allocated(engine.device) / 2**30
     return {
-        **{k: v for k, v in m.items() if k != "mean_seq_sq"},
+        **m.logged(),
         "mfu": mfu,
         "peak_memory_gib": peak_gib,
         "step": state.global_step,
@@ -492,11 +506,11 @@ class _SampleLedger:
             self._file = path.open("a")
         self.rank, self.attempt = rank, attempt
 
-    def write(self, state: TrainState, micro: list[dict[str, Any]]) -> None:
+    def write(self, state: TrainState, micro: list[MicroBatch]) -> None:
         if self._file is None:
             return
         # called before the step's counters advance: `step` is 0-based here, `epoch` the step's own epoch
-        indices = [int(i) for mb in micro for i in mb["sample_index"].tolist()]
+        indices = [int(i) for mb in micro for i in mb.sample_index.tolist()]
         record = {"step": state.global_step, "epoch": state.epoch, "rank": self.rank, "attempt": self.attempt,
                   "sample_index": indices}
         self._file.write(json.dumps(record) + "\n")

@@ -12,11 +12,13 @@ Embedding lookups are not matmuls and are excluded; the patch projection and lm_
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,54 +54,103 @@ def flops_per_token(model: torch.nn.Module, mean_seq_len: float) -> float:
     return sum((6.0 if grad else 4.0) * n for n, grad in matmuls) + 6.0 * layers * hidden * mean_seq_len
 
 
-class WindowAccumulator:
-    """Per-window sums kept on device: loss_sum, target tokens, all tokens, samples, grad-norm sum, steps."""
+@dataclass(frozen=True)
+class MicroCounts:
+    """One micro-batch's counts, computed on the host from the batch before its device copy (no device read)."""
 
-    FIELDS = ("loss_sum", "target_tokens", "tokens", "samples", "seq_sq", "grad_norm_sum", "steps")
+    target_tokens: int  # supervised tokens (the loss normaliser)
+    tokens: int  # packed tokens, a filler's included
+    samples: int  # real samples (0 for a filler)
+    seq_sq: float  # sum of squared sample lengths: the attention term of the FLOP count
+
+
+@dataclass(frozen=True)
+class WindowSums:
+    """A window's sums, named: the slots of the one float64 vector that is all-reduced and read at log time."""
+
+    loss_sum: float = 0.0
+    target_tokens: float = 0.0
+    tokens: float = 0.0
+    samples: float = 0.0
+    seq_sq: float = 0.0
+    grad_norm_sum: float = 0.0
+    steps: float = 0.0
+
+
+WINDOW_FIELDS = tuple(f.name for f in dataclasses.fields(WindowSums))
+_SLOT = {name: i for i, name in enumerate(WINDOW_FIELDS)}
+_HOST_FIELDS = tuple(f.name for f in dataclasses.fields(MicroCounts))
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """One read window, global over ranks (fillers' tokens included): the log line's and history's values."""
+
+    loss: float
+    grad_norm: float
+    tokens_per_s: float
+    tokens_per_s_per_worker: float
+    samples_per_s: float
+    target_tokens: float
+    tokens: float
+    samples: float
+    mean_seq_sq: float  # feeds the MFU attention term; not logged itself
+    data_wait_fraction: float
+    window_s: float
+
+    @classmethod
+    def from_sums(cls, sums: WindowSums, elapsed_s: float, data_wait_s: float, world_size: int) -> WindowStats:
+        elapsed_s = max(elapsed_s, 1e-9)
+        return cls(
+            loss=sums.loss_sum / max(sums.target_tokens, 1.0),
+            # grad norm is the same on every rank; the sum counted it world_size times
+            grad_norm=sums.grad_norm_sum / max(sums.steps, 1.0) / (world_size if world_size > 1 else 1),
+            tokens_per_s=sums.tokens / elapsed_s,
+            tokens_per_s_per_worker=sums.tokens / elapsed_s / max(world_size, 1),
+            samples_per_s=sums.samples / elapsed_s,
+            target_tokens=sums.target_tokens,
+            tokens=sums.tokens,
+            samples=sums.samples,
+            mean_seq_sq=sums.seq_sq / max(sums.tokens, 1.0),
+            data_wait_fraction=min(1.0, data_wait_s / elapsed_s),
+            window_s=elapsed_s,
+        )
+
+    def logged(self) -> dict[str, float]:
+        """The fields the sinks record, in this order."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "mean_seq_sq"}
+
+
+class WindowAccumulator:
+    """Per-window sums (`WindowSums`): loss and grad norm stay on device, the batches' counts on the host."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(WINDOW_FIELDS), dtype=torch.float64, device=device)
         # Host-side counts are summed on the host and joined with the device sums at read time.
-        self._host = torch.zeros(len(self.FIELDS), dtype=torch.float64)
+        self._host = [0.0] * len(WINDOW_FIELDS)
         self.data_wait_s = 0.0
         self.started = time.perf_counter()
 
-    def add_micro(self, loss_sum: torch.Tensor, host: dict[str, float]) -> None:
-        """`host`: the micro-batch's counts computed on the host before the copy (no device read)."""
-        self.sums[0] += loss_sum.detach().to(torch.float64)
-        self._host += torch.tensor(
-            [0.0, host["target_tokens"], host["tokens"], host["samples"], host["seq_sq"], 0.0, 0.0],
-            dtype=torch.float64,
-        )
+    def add_micro(self, loss_sum: torch.Tensor, counts: MicroCounts) -> None:
+        self.sums[_SLOT["loss_sum"]] += loss_sum.detach().to(torch.float64)
+        for name in _HOST_FIELDS:
+            self._host[_SLOT[name]] += float(getattr(counts, name))
 
     def add_step(self, grad_norm: torch.Tensor) -> None:
-        self.sums[5] += grad_norm.detach().to(self.device, torch.float64)
-        self.sums[6] += 1
+        self.sums[_SLOT["grad_norm_sum"]] += grad_norm.detach().to(self.device, torch.float64)
+        self.sums[_SLOT["steps"]] += 1
 
-    def read(self, world_size: int) -> dict[str, float]:
+    def read(self, world_size: int) -> WindowStats:
         """All-reduce (when distributed) and read: the window's one host sync. Resets the window."""
-        sums = self.sums + self._host.to(self.device)
+        sums = self.sums + torch.tensor(self._host, dtype=torch.float64).to(self.device)
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        values = dict(zip(self.FIELDS, sums.tolist(), strict=True))
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {
-            "loss": values["loss_sum"] / max(values["target_tokens"], 1.0),
-            # grad norm is the same on every rank; the sum counted it world_size times
-            "grad_norm": values["grad_norm_sum"] / max(values["steps"], 1.0) / (world_size if world_size > 1 else 1),
-            "tokens_per_s": values["tokens"] / elapsed,
-            "tokens_per_s_per_worker": values["tokens"] / elapsed / max(world_size, 1),
-            "samples_per_s": values["samples"] / elapsed,
-            "target_tokens": values["target_tokens"],
-            "tokens": values["tokens"],
-            "samples": values["samples"],
-            "mean_seq_sq": values["seq_sq"] / max(values["tokens"], 1.0),
-            "data_wait_fraction": min(1.0, self.data_wait_s / elapsed),
-            "window_s": elapsed,
-        }
+        out = WindowStats.from_sums(
+            WindowSums(*sums.tolist()), time.perf_counter() - self.started, self.data_wait_s, world_size
+        )
         self.sums.zero_()
-        self._host.zero_()
+        self._host = [0.0] * len(WINDOW_FIELDS)
         self.data_wait_s = 0.0
         self.started = time.perf_counter()
         return out
@@ -114,6 +165,7 @@ class MetricsSink:
         self._wandb = None
         self._gauges: dict[str, Any] = {}
         self._counters: dict[str, Any] = {}
+        self._eval_gauge: Any = None
         self._history = Path(history_path) if history_path and rank == 0 else None
         self._first_log: tuple[float, int] | None = None  # (time, step) of the first logged window
         if rank != 0:
@@ -147,6 +199,10 @@ class MetricsSink:
             self._gauges[name] = Gauge(f"otterhd_train_{name}", description=f"training {name}", tag_keys=tags)
         for name in ("tokens", "samples"):
             self._counters[name] = Counter(f"otterhd_train_{name}_total", description=f"{name} trained", tag_keys=tags)
+        self._eval_gauge = Gauge(
+            "otterhd_train_eval_score", description="in-training evaluation score (train/evaluation.py)",
+            tag_keys=("run", "benchmark", "metric"),
+        )
 
     def log(self, metrics: dict[str, Any], total_steps: int) -> None:
         if self.rank != 0:
@@ -165,6 +221,21 @@ class MetricsSink:
             with self._history.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         logger.info(self.format_line(metrics, total_steps))
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """One in-training evaluation (`train/evaluation.py`, which writes its own history and log line): its
+        `eval/<benchmark>/<metric>` scores to wandb and to the `otterhd_train_eval_score` gauge."""
+        if self.rank != 0:
+            return
+        bench = str(record.get("eval/benchmark", ""))
+        scores = {k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, int | float)}
+        if self._eval_gauge is not None:
+            for key, value in scores.items():
+                if key.startswith(f"eval/{bench}/"):
+                    tags = {"run": self.cfg.ray.name, "benchmark": bench, "metric": key.rsplit("/", 1)[1]}
+                    self._eval_gauge.set(float(value), tags=tags)
+        if self._wandb is not None:
+            self._wandb.log(scores, step=int(record["step"]))
 
     def format_line(self, m: dict[str, Any], total_steps: int) -> str:
         step, now = int(m["step"]), time.perf_counter()

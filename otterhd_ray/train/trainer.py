@@ -40,6 +40,9 @@ def resolve_paths(cfg: FinetuneConfig) -> FinetuneConfig:
                          (cfg.data, "index_cache_dir"), (cfg.lora, "init_from")):
         if getattr(section, key):
             setattr(section, key, _absolute(getattr(section, key)))
+    path = cfg.eval.data_path if cfg.eval is not None else ""
+    if path and (Path(path).expanduser().exists() or path.startswith((".", "~")) or path.count("/") != 1):
+        cfg.eval.data_path = _absolute(path)  # a hub id (owner/name, not a local dir) stays as it is
     return cfg
 
 
@@ -57,6 +60,10 @@ def check_inputs(cfg: FinetuneConfig) -> None:
         raise ValueError(f"data.tokenizer_path is not a directory: {tok}")
     if cfg.ray.use_gpu and cfg.ray.gpus_per_worker <= 0:
         raise ValueError("ray.use_gpu needs ray.gpus_per_worker > 0")
+    if cfg.eval is not None:
+        from otterhd_ray.train.evaluation import load_items
+
+        load_items(cfg.eval)  # a wrong benchmark, path or split: one line now, not from every worker later
 
 
 def build_trainer(cfg: FinetuneConfig, loop_config: dict[str, Any]) -> Any:

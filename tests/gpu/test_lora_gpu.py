@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches, save_hf
+from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model, normalize_patches, save_hf
 from otterhd_ray.models.fuyu.lora import TARGETS, LoraSpec, adapters, add_lora
 from otterhd_ray.models.fuyu.peft import save_peft_adapter
 
@@ -20,7 +20,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def packed(seed: int = 0) -> dict:
+def packed(seed: int = 0) -> PackedBatch:
     g = torch.Generator().manual_seed(seed)
     rows = [torch.tensor(([IMG] * c + [IMG + 1]) * r + [1] + torch.randint(3, IMG, (n,), generator=g).tolist())
             for r, c, n in ((4, 6, 40), (3, 5, 90))]
@@ -28,12 +28,12 @@ def packed(seed: int = 0) -> dict:
     targets = torch.cat([torch.cat([r[1:], torch.tensor([-100])]) for r in rows])
     targets[ids == IMG] = -100
     lengths = [len(r) for r in rows]
-    b = {"input_ids": ids, "target_ids": targets, "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-         "cu_seqlens": torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32), "max_seqlen": max(lengths),
-         "patches": torch.randint(0, 256, (int((ids == IMG).sum()), CFG.patch_dim), dtype=torch.uint8, generator=g)}
-    b = {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-    b["num_target_tokens"] = int((targets != -100).sum())
-    return b
+    return PackedBatch(
+        input_ids=ids, target_ids=targets, position_ids=torch.cat([torch.arange(n) for n in lengths]),
+        cu_seqlens=torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32), max_seqlen=max(lengths),
+        patches=torch.randint(0, 256, (int((ids == IMG).sum()), CFG.patch_dim), dtype=torch.uint8, generator=g),
+        num_target_tokens=int((targets != -100).sum()),
+    ).to(DEV)
 
 
 def lora_model(**switches):
@@ -74,8 +74,8 @@ def test_adapter_logits_equal_peft_in_bf16(tmp_path):
                                                       attn_implementation="sdpa").to(DEV)
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", autocast_adapter_dtype=False).eval()
     b = packed()
-    n = int(b["cu_seqlens"][1])
-    ids, patches = b["input_ids"][:n], b["patches"][: int((b["input_ids"][:n] == IMG).sum())]
+    n = int(b.cu_seqlens[1])
+    ids, patches = b.input_ids[:n], b.patches[: int((b.input_ids[:n] == IMG).sum())]
     with torch.no_grad():
         ref = theirs(input_ids=ids[None], image_patches=normalize_patches(patches)[None].to(torch.bfloat16)).logits[0]
         cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)

@@ -48,12 +48,12 @@ def test_text_only_samples_go_through_the_pipeline(converted, tmp_path):
 
     cfg = load_finetune_config(None, [*overrides(converted, tmp_path), "data.max_samples_per_batch=1"])
     batches = list(build_train_iterator(cfg.data, converted / "tokenizer", 0, 1, 0, use_ray=False))
-    assert sorted(i for mb in batches for i in mb["sample_id"]) == [
+    assert sorted(i for mb in batches for i in mb.sample_id) == [
         "ok-end", "ok-mid", "ok-multiturn", "ok-start", "ok-text-only"]
-    text_only = next(mb for mb in batches if mb["sample_id"] == ["ok-text-only"])
-    assert text_only["patches"].shape == (0, 2700) and text_only["num_target_tokens"] > 0
+    text_only = next(mb for mb in batches if mb.sample_id == ("ok-text-only",))
+    assert text_only.packed.patches.shape == (0, 2700) and text_only.packed.num_target_tokens > 0
     model = new_model(flavour_config("debug"), attention="eager")
-    loss_sum, n = model.loss(text_only)
+    loss_sum, n = model.loss(text_only.packed)
     loss_sum.backward()
     assert torch.isfinite(loss_sum) and n > 0
     grad = model.vision_embed_tokens.weight.grad  # touched with a zero gradient, so ranks' reductions match

@@ -102,19 +102,20 @@ def test_every_good_sample_once_equal_counts_and_rejects(data_dir, tmp_path, tin
     trained_ids, trained_index = [], []
     for rank_mbs in per_rank:
         for pos, mb in enumerate(rank_mbs):
-            assert mb["position"] == pos
-            n = len(mb["input_ids"])
-            assert n <= MAX_TOKENS and mb["cu_seqlens"][-1] == n and mb["cu_seqlens"].dtype == torch.int32
-            assert int((mb["input_ids"] == image_id).sum()) == mb["patches"].shape[0]
-            assert mb["num_target_tokens"] == int((mb["target_ids"] != -100).sum())
-            if mb["is_filler"]:
-                assert mb["num_target_tokens"] == 0 and len(mb["sample_index"]) == 0
+            assert mb.position == pos and mb.epoch == 0
+            p = mb.packed
+            n = len(p.input_ids)
+            assert n <= MAX_TOKENS and p.cu_seqlens[-1] == n and p.cu_seqlens.dtype == torch.int32
+            assert int((p.input_ids == image_id).sum()) == p.patches.shape[0]
+            assert p.num_target_tokens == int((p.target_ids != -100).sum())
+            if mb.is_filler:
+                assert p.num_target_tokens == 0 and len(mb.sample_index) == 0
                 continue
-            assert mb["num_target_tokens"] > 0
+            assert p.num_target_tokens > 0
             # the schedule predicted every length exactly, from headers and text alone
-            assert sum(int(schedule.length[i]) for i in mb["sample_index"].tolist()) == n
-            trained_ids += mb["sample_id"]
-            trained_index += mb["sample_index"].tolist()
+            assert sum(int(schedule.length[i]) for i in mb.sample_index.tolist()) == n
+            trained_ids += mb.sample_id
+            trained_index += mb.sample_index.tolist()
     assert len(trained_index) == len(set(trained_index)) and len(trained_ids) == len(set(trained_ids))
 
     rejects = read_rejects(cfg.rejects_path, epoch=0).to_pylist()
@@ -149,7 +150,7 @@ def test_a_sample_longer_than_planned_is_rejected_not_packed(data_dir, tmp_path,
     schedule.length[victim] -= 1
     mbs = list(build_train_iterator(cfg, tiny_tokenizer_dir, 0, 1, 0, schedule=schedule))
     assert len(mbs) == schedule.per_rank
-    assert victim not in {i for mb in mbs for i in mb["sample_index"].tolist()}
+    assert victim not in {i for mb in mbs for i in mb.sample_index.tolist()}
     rejects = read_rejects(cfg.rejects_path, epoch=0).to_pylist()
     assert [r["reason"] for r in rejects if r["sample_index"] == victim] == ["length_mismatch"]
 
@@ -165,12 +166,12 @@ def test_resume_continues_exactly(data_dir, tmp_path, tiny_tokenizer_dir):
     resumed = build_train_iterator(cfg, tiny_tokenizer_dir, 1, 2, 0, start_position=2)
     assert len(resumed) == len(reference) - 2
     tail = list(resumed)
-    assert [mb["position"] for mb in tail] == list(range(2, len(reference)))
+    assert [mb.position for mb in tail] == list(range(2, len(reference)))
     for a, b in zip(head + tail, reference, strict=True):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["patches"], b["patches"])
-        assert torch.equal(a["sample_index"], b["sample_index"])
+        assert torch.equal(a.packed.input_ids, b.packed.input_ids)
+        assert torch.equal(a.packed.patches, b.packed.patches) and torch.equal(a.sample_index, b.sample_index)
     # stats of the resumed part + what was consumed before never double count
-    assert resumed.stats.num_samples == sum(len(mb["sample_index"]) for mb in tail)
+    assert resumed.stats.num_samples == sum(len(mb.sample_index) for mb in tail)
     with pytest.raises(ValueError):
         build_train_iterator(cfg, tiny_tokenizer_dir, 1, 2, 0, start_position=len(reference) + 1)
 
@@ -198,9 +199,9 @@ def test_many_ranks_get_fillers_and_equal_counts(data_dir, tmp_path, tiny_tokeni
     schedule, per_rank, _ = _run(cfg, tiny_tokenizer_dir, world=8)
     assert len(schedule.micro_batches) < 8 * schedule.per_rank  # some rank must be topped up
     assert {len(mbs) for mbs in per_rank} == {schedule.per_rank}
-    fillers = [mb for mbs in per_rank for mb in mbs if mb["is_filler"]]
-    assert fillers and all(mb["num_target_tokens"] == 0 for mb in fillers)
-    assert all(mb["patches"].shape == (1, 2700) and len(mb["input_ids"]) == 3 for mb in fillers)
+    fillers = [mb for mbs in per_rank for mb in mbs if mb.is_filler]
+    assert fillers and all(mb.packed.num_target_tokens == 0 and mb.sample_id == () for mb in fillers)
+    assert all(mb.packed.patches.shape == (1, 2700) and len(mb.packed.input_ids) == 3 for mb in fillers)
 
 
 def test_otterhd_mode_one_square_per_micro_batch(data_dir, tmp_path, tiny_tokenizer_dir):
@@ -208,8 +209,8 @@ def test_otterhd_mode_one_square_per_micro_batch(data_dir, tmp_path, tiny_tokeni
     _, per_rank, stats = _run(cfg, tiny_tokenizer_dir, world=1)
     image_id = fuyu_tokens(load_tokenizer(tiny_tokenizer_dir)).image
     for mb in per_rank[0]:
-        cu = mb["cu_seqlens"].tolist()
-        per_sample = {int((mb["input_ids"][a:b] == image_id).sum()) for a, b in zip(cu[:-1], cu[1:], strict=True)}
+        cu, ids = mb.packed.cu_seqlens.tolist(), mb.packed.input_ids
+        per_sample = {int((ids[a:b] == image_id).sum()) for a, b in zip(cu[:-1], cu[1:], strict=True)}
         assert len(per_sample) == 1 and per_sample <= {15 * 15, 18 * 18, 26 * 26, 1}  # one square per batch
     assert set(stats[0].buckets) <= {"448x448", "512x512", "768x768"}
     sched = schedule_epoch(cfg, tiny_tokenizer_dir, 0, 1)
@@ -223,13 +224,13 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
     cfg = _cfg(data_dir, tmp_path, preprocess_concurrency=2)
     schedule = schedule_epoch(cfg, tiny_tokenizer_dir, 0, 2)
     local = list(build_train_iterator(cfg, tiny_tokenizer_dir, 0, 2, 0, schedule=schedule, use_ray=False))
-    local_rank1 = [mb["sample_index"].tolist()
+    local_rank1 = [mb.sample_index.tolist()
                    for mb in build_train_iterator(cfg, tiny_tokenizer_dir, 1, 2, 0, schedule=schedule, use_ray=False)]
 
     def in_worker(rank: int) -> tuple[list, bool]:
         # What a Ray Train worker does: build its own iterator; auto mode picks Ray Data (Ray is up, CPUs free).
         it = build_train_iterator(cfg, tiny_tokenizer_dir, rank, 2, 0)
-        return [mb["sample_index"].tolist() for mb in it], it.use_ray
+        return [mb.sample_index.tolist() for mb in it], it.use_ray
 
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     try:
@@ -243,8 +244,9 @@ def test_ray_data_path_gives_the_same_batches(data_dir, tmp_path, tiny_tokenizer
         ray.shutdown()
     assert len(remote) == len(local)
     for a, b in zip(remote, local, strict=True):
-        for key in ("input_ids", "target_ids", "position_ids", "cu_seqlens", "patches", "sample_index"):
-            assert torch.equal(a[key], b[key]), key
+        for key in ("input_ids", "target_ids", "position_ids", "cu_seqlens", "patches"):
+            assert torch.equal(getattr(a.packed, key), getattr(b.packed, key)), key
+        assert torch.equal(a.sample_index, b.sample_index) and a.sample_id == b.sample_id
     assert isinstance(it.stats, PipelineStats) and it.stats.num_samples > 0
     assert used_ray and from_worker == local_rank1
     assert len(fresh_schedule.plan) == sum(pq.ParquetFile(f).metadata.num_rows

@@ -105,6 +105,24 @@ def test_openai_client_plain_and_streamed_match_offline_generate(server):
     assert chunks[-1].usage.completion_tokens == num_tokens and not chunks[-1].choices
 
 
+@pytest.mark.timeout(300)
+def test_stats_report_server_side_timings_of_the_requests_served(server):
+    base, _ = server
+    with urllib.request.urlopen(f"{base}/stats", timeout=30) as r:
+        before = json.loads(r.read())
+    client = _client(base)
+    messages = user_message("Hi?", image_bytes(2))
+    client.chat.completions.create(model="otterhd-debug", messages=messages, max_tokens=3)
+    assert list(client.chat.completions.create(model="otterhd-debug", messages=messages, max_tokens=3, stream=True))
+    with urllib.request.urlopen(f"{base}/stats?after={before['last']}", timeout=30) as r:
+        after = json.loads(r.read())
+    assert after["summary"]["requests"] == 2 and after["summary"]["batches"] == 2
+    for rec in after["requests"]:
+        assert 0 < rec["prepared_s"] <= rec["started_s"] <= rec["first_token_s"] <= rec["finished_s"]
+        assert rec["batch_size"] == 1 and 1 <= rec["completion_tokens"] <= 3
+    assert after["summary"]["first_token_s"]["p50"] <= after["summary"]["finished_s"]["p50"]
+
+
 def _prepared_args(service, text, img):
     from otterhd_ray.serve.media import ImagePolicy, prepare_image
     from otterhd_ray.serve.protocol import parse_chat_request
@@ -228,10 +246,11 @@ def test_api_key(model_dir, monkeypatch):
                                       headers={"Authorization": f"Bearer {key}"})
             health = await client.get("/health")
             page = await client.get("/")
-            return missing, wrong, models, right, health, page
+            stats = await client.get("/stats")
+            return missing, wrong, models, right, health, page, stats
 
-    missing, wrong, models, right, health, page = asyncio.run(go())
-    assert missing.status_code == wrong.status_code == models.status_code == 401
+    missing, wrong, models, right, health, page, stats = asyncio.run(go())
+    assert missing.status_code == wrong.status_code == models.status_code == stats.status_code == 401
     assert key not in missing.text and key not in wrong.text
     assert missing.json()["error"]["type"] == "authentication_error"
     assert right.status_code == 200 and health.status_code == 200

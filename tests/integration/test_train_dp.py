@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from otterhd_ray.config import FinetuneConfig
-from otterhd_ray.data.buckets import assemble, collate_to_torch
+from otterhd_ray.data.buckets import assemble
+from otterhd_ray.data.pipeline import MicroBatch, collate
 from otterhd_ray.models.fuyu import flavour_config, new_model
 from tests.helpers import train_rows
 
@@ -36,7 +37,7 @@ def _config(name: str) -> FinetuneConfig:
     })
 
 
-def _step(name: str, batches: list[dict], world: int) -> dict[str, torch.Tensor]:
+def _step(name: str, batches: list[MicroBatch], world: int) -> dict[str, torch.Tensor]:
     from otterhd_ray.train.engine import build_engine
     from otterhd_ray.train.loop import _train_step
     from otterhd_ray.train.metrics import WindowAccumulator
@@ -53,7 +54,7 @@ def _worker(rank: int, name: str, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     rows = train_rows(CFG, seed=7)
-    mine = [collate_to_torch(assemble(rows[:1] if rank == 0 else rows[1:]))]
+    mine = [collate(rows[:1] if rank == 0 else rows[1:], epoch=0, position=0)]
     state = _step(name, mine, world=2)
     if rank == 0:
         torch.save(state, out)
@@ -74,19 +75,17 @@ def test_two_ranks_with_unequal_tokens_equal_one_big_batch(name, tmp_path: Path)
     mp.start_processes(_worker, args=(name, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
     distributed = torch.load(out)
     samples = train_rows(CFG, seed=7)
-    big = collate_to_torch(assemble(samples))
+    big = assemble(samples)
     # Reference in a child too: this process must not keep a process group around for other tests.
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         reference = pool.apply(_reference, (name, str(tmp_path / "ref.pt")))
     reference = torch.load(reference)
-    assert big["num_target_tokens"] == sum(
-        collate_to_torch(assemble([s]))["num_target_tokens"] for s in samples
-    )
+    assert big.num_target_tokens == sum(assemble([s]).num_target_tokens for s in samples)
     for key, value in reference.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _reference(name: str, out: str) -> str:
-    torch.save(_step(name, [collate_to_torch(assemble(train_rows(CFG, seed=7)))], world=1), out)
+    torch.save(_step(name, [collate(train_rows(CFG, seed=7), epoch=0, position=0)], world=1), out)
     return out

@@ -16,8 +16,8 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions"))
 
 from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
-from otterhd_ray.data.buckets import assemble, collate_to_torch  # noqa: E402
-from otterhd_ray.models.fuyu import flavour_config, new_model  # noqa: E402
+from otterhd_ray.data.buckets import assemble  # noqa: E402
+from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
 from tests.helpers import sample, train_rows  # noqa: E402
@@ -38,13 +38,12 @@ def _release_process_group():
 
 
 # ------------------------------------------------------------------------------------------ engines
-def _micro_batches() -> tuple[list[dict], dict]:
+def _micro_batches() -> tuple[list[PackedBatch], PackedBatch]:
     rows = train_rows(CFG, seed=0)
-    small = [collate_to_torch(assemble(rows[:1])), collate_to_torch(assemble(rows[1:]))]
-    return small, collate_to_torch(assemble(rows))
+    return [assemble(rows[:1]), assemble(rows[1:])], assemble(rows)
 
 
-def _one_step(engine_cfg: dict, batches: list[dict], total_tokens: int) -> dict[str, torch.Tensor]:
+def _one_step(engine_cfg: dict, batches: list[PackedBatch], total_tokens: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = new_model(CFG, attention="eager")
     cfg = FinetuneConfig.model_validate({
@@ -84,8 +83,8 @@ def test_accumulated_micro_steps_equal_one_big_batch(name):
     # Seed bug: its effective accumulation was 4 instead of the requested 2. Here 2 micro-batches accumulated
     # with the step's token normalisation give the same update as the one packed batch holding both.
     small, big = _micro_batches()
-    tokens = big["num_target_tokens"]
-    assert tokens == sum(mb["num_target_tokens"] for mb in small)
+    tokens = big.num_target_tokens
+    assert tokens == sum(mb.num_target_tokens for mb in small)
     accumulated = _one_step(ENGINES[name], small, tokens)
     single = _one_step(ENGINES[name], [big], tokens)
     reference = _one_step(ENGINES["torch"], [big], tokens)
@@ -269,7 +268,7 @@ def test_bf16_deepspeed_step_runs(stage):
     for i, mb in enumerate(small):
         loss_sum, _ = engine.forward(mb)
         assert torch.isfinite(loss_sum)
-        engine.backward(loss_sum / big["num_target_tokens"], is_boundary=i == 1)
+        engine.backward(loss_sum / big.num_target_tokens, is_boundary=i == 1)
     norm = engine.step()
     assert torch.isfinite(norm) and float(norm) > 0
     assert next(engine.model.parameters()).dtype == torch.bfloat16

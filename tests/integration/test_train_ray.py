@@ -132,18 +132,22 @@ def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path)
         f"data.datasets=[{{name: synth, path: {tmp_path / 'data' / 'train'}, num_samples: 48}}]",
         f"data.tokenizer_path={tmp_path / 'tokenizer'}", f"data.rejects_path={tmp_path / 'rejects'}",
         f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
-        f"train.output_dir={tmp_path / 'out'}",
+        f"train.output_dir={tmp_path / 'out'}", f"eval.data_path={tmp_path / 'data' / 'magnifierbench'}",
     ])
-    outcome = finetune(cfg)  # train.demo_data: the entry point synthesises the data first
+    outcome = finetune(cfg)  # train.demo_data: the entry point synthesises the data (+ eval benchmark) first
     history = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history]
     assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
     assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == 3 * 48
     assert outcome.result.checkpoint is not None
+    # the demo's `eval:` block: one evaluation per epoch end on all 16 held-out items, the last one at the end
+    evals = [json.loads(x) for x in (tmp_path / "out" / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [e["eval/trigger"] for e in evals] == ["epoch_end", "epoch_end", "end"]
+    assert all(e["eval/num_items"] == 16 for e in evals) and evals[-1]["step"] == history[-1]["step"]
     assert outcome.hf_dir == tmp_path / "out" / "hf" and (outcome.hf_dir / "config.json").is_file()
     # The loop's ray.util.metrics reach this node's Prometheus export (prefixed `ray_` by Ray).
     port = ray_local._private.worker._global_node.metrics_export_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ("ray_otterhd_train_loss", "ray_otterhd_train_tokens_per_s", "ray_otterhd_train_data_wait_fraction",
-                 "ray_otterhd_train_tokens_total"):
+                 "ray_otterhd_train_tokens_total", "ray_otterhd_train_eval_score"):
         assert name in text, name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,12 +15,12 @@ from otterhd_ray.data.buckets import (
     BucketPolicy,
     StreamingPacker,
     assemble,
-    collate_to_torch,
     epoch_uniforms,
     num_image_tokens,
     packing_efficiency,
     plan_packs,
 )
+from otterhd_ray.data.pipeline import collate
 from otterhd_ray.models.fuyu import IGNORE_INDEX, PATCH_DIM
 
 
@@ -196,19 +198,25 @@ def _sample(n: int, num_patches: int, sup: list[int], index: int, bucket=(30, 60
 def test_assemble_shifts_targets_per_sample_and_restarts_positions():
     a, b = _sample(5, 2, [3, 4], 1), _sample(4, 1, [1, 3], 2)
     mb = assemble([a, b])
-    assert mb["input_ids"].tolist() == list(range(100, 105)) + list(range(200, 204))
+    assert mb.input_ids.tolist() == list(range(100, 105)) + list(range(200, 204))
     # a: labels at 3,4 -> targets at 2,3; its last token (4) predicts nothing. b: labels 1,3 -> targets 0,2.
-    assert mb["target_ids"].tolist() == [-100, -100, 103, 104, -100, 201, -100, 203, -100]
-    assert mb["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
-    assert mb["cu_seqlens"].tolist() == [0, 5, 9] and mb["cu_seqlens"].dtype == np.int32
-    assert mb["max_seqlen"] == 5 and mb["num_target_tokens"] == 4
-    assert mb["patches"].shape == (3, PATCH_DIM) and mb["patches"][:, 0].tolist() == [1, 1, 2]
-    assert mb["sample_index"].tolist() == [1, 2]
-    t = collate_to_torch(mb)
+    assert mb.target_ids.tolist() == [-100, -100, 103, 104, -100, 201, -100, 203, -100]
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert mb.cu_seqlens.tolist() == [0, 5, 9]
+    assert mb.max_seqlen == 5 and mb.num_target_tokens == 4
+    assert mb.patches.shape == (3, PATCH_DIM) and mb.patches[:, 0].tolist() == [1, 1, 2]
     import torch
 
-    assert t["input_ids"].dtype == torch.int64 and t["cu_seqlens"].dtype == torch.int32
-    assert t["patches"].dtype == torch.uint8 and t["max_seqlen"] == 5
+    assert mb.input_ids.dtype == mb.target_ids.dtype == mb.position_ids.dtype == torch.int64
+    assert mb.cu_seqlens.dtype == torch.int32 and mb.patches.dtype == torch.uint8
+    full = collate([a, b], epoch=3, position=7)
+    assert full.sample_index.tolist() == [1, 2] and full.sample_id == ("s1", "s2") and not full.is_filler
+    assert (full.epoch, full.position, full.num_samples) == (3, 7, 2)
+    assert torch.equal(full.packed.input_ids, mb.input_ids)
+    with pytest.raises(ValueError, match="sample ids"):
+        dataclasses.replace(full, sample_id=("s1",))
+    filler = dataclasses.replace(full, sample_index=torch.zeros(0, dtype=torch.int64), sample_id=())
+    assert filler.is_filler and filler.num_samples == 0
 
 
 def test_planned_packs_assemble_one_bucket_per_micro_batch_within_budget():
@@ -219,13 +227,13 @@ def test_planned_packs_assemble_one_bucket_per_micro_batch_within_budget():
     keys = [policy.group_key(tuple(s["bucket"].tolist())) for s in samples]
     bins, too_long = plan_packs([int(s["num_tokens"]) for s in samples], keys, 200, buffer_size=4)
     assert too_long == [20]  # the 500-token sample: rejected, never truncated
-    mbs = [assemble([samples[i] for i in b]) for b in bins]
-    seen = sorted(i for mb in mbs for i in mb["sample_index"].tolist())
+    mbs = [collate([samples[i] for i in b], epoch=0, position=j) for j, b in enumerate(bins)]
+    seen = sorted(i for mb in mbs for i in mb.sample_index.tolist())
     assert seen == list(range(20))
     for mb in mbs:
-        assert len(mb["input_ids"]) <= 200
-        assert len({int(i) % 2 for i in mb["sample_index"]}) == 1  # one bucket per micro-batch
-        assert mb["sample_index"].tolist() == sorted(mb["sample_index"].tolist())  # epoch order kept
+        assert mb.packed.num_tokens <= 200
+        assert len({int(i) % 2 for i in mb.sample_index}) == 1  # one bucket per micro-batch
+        assert mb.sample_index.tolist() == sorted(mb.sample_index.tolist())  # epoch order kept
     with pytest.raises(ValueError, match="no samples"):
         assemble([])
 

@@ -66,7 +66,7 @@ def test_skip_leaves_the_bad_file_out_and_counts_it(data, tmp_path):
 
     from otterhd_ray.data.pipeline import build_train_iterator
 
-    ids = [i for mb in build_train_iterator(cfg, data / "tokenizer", 0, 1, 0, use_ray=False) for i in mb["sample_id"]]
+    ids = [i for mb in build_train_iterator(cfg, data / "tokenizer", 0, 1, 0, use_ray=False) for i in mb.sample_id]
     assert len(ids) == 6
 
 

@@ -145,3 +145,34 @@ def test_stream_does_not_leak_no_grad(model):
     next(steps)
     assert torch.is_grad_enabled()  # between steps the caller's grad mode holds
     assert len(list(steps)) == 2
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_the_next_step_is_queued_ahead_only_while_a_row_can_continue(model, share_prefix, monkeypatch):
+    """The step after the one being handed out is queued before its tokens are read (overlap), but never when
+    every row reaches its budget: max budget - 1 decode steps, as without the overlap."""
+    from otterhd_ray.models.fuyu import generate as gen
+
+    monkeypatch.setattr(gen, "_queues_ahead", lambda device: True)  # the CUDA order, on CPU
+    cls = gen._GroupedDecoding if share_prefix else gen._UnsharedDecoding
+    calls: list[int] = []
+    real_step = cls.step
+    monkeypatch.setattr(cls, "step", lambda self, next_B: calls.append(1) or real_step(self, next_B))
+    budgets = [5, 3, 1, 0, 5, 2]
+    rows, _ = collect(stream_generate(model, PROMPTS, [SamplingParams(n) for n in budgets],
+                                      share_prefix=share_prefix, min_shared_tokens=1))
+    assert [len(r) for r in rows] == budgets
+    assert len(calls) == max(budgets) - 1
+    ref = model.generate(PROMPTS, 5, [], share_prefix=share_prefix, min_shared_tokens=1)
+    assert rows == [r[:n] for r, n in zip(ref, budgets, strict=True)]
+    # a cancel ends rows early in the queued-ahead order too
+    cancelled: set[int] = set()
+    steps = stream_generate(model, PROMPTS, greedy(5), share_prefix=share_prefix, cancelled=cancelled,
+                            min_shared_tokens=1)
+    got: list[list[int]] = [[] for _ in PROMPTS]
+    for i, step in enumerate(steps):
+        for b, token in step:
+            got[b].append(token)
+        if i == 1:
+            cancelled.update(range(len(PROMPTS)))
+    assert got == [r[:2] for r in ref]

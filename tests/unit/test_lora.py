@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from otterhd_ray.config import ConfigError, FinetuneConfig, load_finetune_config
-from otterhd_ray.models.fuyu import flavour_config, new_model, save_hf
+from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model, save_hf
 from otterhd_ray.models.fuyu.lora import (
     TARGETS,
     LoraSpec,
@@ -27,7 +27,7 @@ CFG = flavour_config("debug")
 IMG, NL = CFG.image_token_id, CFG.image_token_id + 1
 
 
-def batch(seed: int = 0) -> dict:
+def batch(seed: int = 0) -> PackedBatch:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for r, c, n in ((2, 3, 7), (1, 4, 11)):
@@ -36,14 +36,14 @@ def batch(seed: int = 0) -> dict:
     lengths = [len(r) for r in rows]
     targets = torch.cat([torch.cat([r[1:], torch.tensor([-100])]) for r in rows])
     targets[torch.cat([r == IMG for r in rows])] = -100
-    return {
-        "input_ids": ids, "target_ids": targets,
-        "position_ids": torch.cat([torch.arange(n) for n in lengths]),
-        "cu_seqlens": torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
-        "max_seqlen": max(lengths),
-        "patches": torch.randint(0, 256, (int((ids == IMG).sum()), CFG.patch_dim), dtype=torch.uint8, generator=g),
-        "num_target_tokens": int((targets != -100).sum()),
-    }
+    return PackedBatch(
+        input_ids=ids, target_ids=targets,
+        position_ids=torch.cat([torch.arange(n) for n in lengths]),
+        cu_seqlens=torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32),
+        max_seqlen=max(lengths),
+        patches=torch.randint(0, 256, (int((ids == IMG).sum()), CFG.patch_dim), dtype=torch.uint8, generator=g),
+        num_target_tokens=int((targets != -100).sum()),
+    )
 
 
 def lora_model(spec: LoraSpec, seed: int = 0, **switches):
@@ -85,7 +85,8 @@ def test_peft_init_scale_and_frozen_base():
 
 @pytest.mark.parametrize("switch", [{"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
                                     {"activation_checkpointing": "selective", "selective_every": 0},
-                                    {"fused_ops": "compile"}])
+                                    {"fused_ops": "compile"}, {"lean_step": True},
+                                    {"lean_step": True, "fused_ops": "compile"}])
 def test_fused_and_checkpointed_paths_equal_reference(switch):
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=TARGETS)
     ref_loss, ref = grads(lora_model(spec), batch())
@@ -96,15 +97,17 @@ def test_fused_and_checkpointed_paths_equal_reference(switch):
         assert (got[name] - ref[name]).abs().max() <= 1e-5 * ref[name].abs().max(), name
 
 
-def test_chunked_loss_with_lm_head_adapter_equals_plain_autograd():
+@pytest.mark.parametrize("lean_step", [False, True])
+@pytest.mark.parametrize("chunk", [3, 4096])  # several chunks; one chunk (where lean_step defers the head's grad)
+def test_chunked_loss_with_lm_head_adapter_equals_plain_autograd(lean_step, chunk):
     spec = LoraSpec(r=4, alpha=8, dropout=0.0, targets=("dense", "lm_head", "vision_embed_tokens"))
-    model = lora_model(spec)
-    model.loss_chunk_size = 3  # several chunks
+    model = lora_model(spec, lean_step=lean_step)
+    model.loss_chunk_size = chunk
     b = batch()
     loss, got = grads(model, b)
     model.zero_grad(set_to_none=True)
-    hidden = model(b["input_ids"], b["patches"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-    ref = torch.nn.functional.cross_entropy(model.logits(hidden).float(), b["target_ids"], reduction="sum")
+    hidden = model(b.input_ids, b.patches, b.position_ids, b.cu_seqlens, b.max_seqlen)
+    ref = torch.nn.functional.cross_entropy(model.logits(hidden).float(), b.target_ids, reduction="sum")
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():

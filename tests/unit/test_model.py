@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ def model():
 
 
 def forward(m, batch):
-    return m(batch["input_ids"], batch["patches"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+    return m(batch.input_ids, batch.patches, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
@@ -46,7 +48,7 @@ def test_packed_forward_equals_each_sample_alone(model, backend):
 
 def test_patch_count_mismatch_is_an_error(model):
     batch = pack(SAMPLES[:1])
-    batch["patches"] = batch["patches"][:-1]
+    batch = dataclasses.replace(batch, patches=batch.patches[:-1])
     with pytest.raises(RuntimeError, match="image patches"):
         forward(model, batch)
 
@@ -59,7 +61,7 @@ def assert_rel_close(a: torch.Tensor, b: torch.Tensor, name: str, rel: float = 1
 
 def full_logits_loss(m, batch):
     logits = m.logits(forward(m, batch)).float()
-    return F.cross_entropy(logits, batch["target_ids"], ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits, batch.target_ids, ignore_index=-100, reduction="sum")
 
 
 @pytest.mark.parametrize("chunk", [2, 2048])
@@ -71,7 +73,7 @@ def test_loss_equals_reference_and_gradients(chunk):
     ref_grads = torch.autograd.grad(ref, list(m.parameters()))
     loss_sum, num = m.loss(batch)
     grads = torch.autograd.grad(loss_sum, list(m.parameters()))
-    assert num == batch["num_target_tokens"] == 3 + 3 + 5 + 1
+    assert num == batch.num_target_tokens == 3 + 3 + 5 + 1
     torch.testing.assert_close(loss_sum, ref)
     for (name, _), a, b in zip(m.named_parameters(), grads, ref_grads, strict=True):
         assert_rel_close(a, b, name)
@@ -79,8 +81,8 @@ def test_loss_equals_reference_and_gradients(chunk):
 
 def test_loss_without_count_and_without_targets(model):
     batch = pack(SAMPLES)
-    n = batch.pop("num_target_tokens")
-    loss_sum, num = model.loss(batch)
+    n = batch.num_target_tokens
+    loss_sum, num = model.loss(dataclasses.replace(batch, num_target_tokens=None))
     assert num == n and loss_sum.item() > 0
     empty = pack([sample(1, 2, 4, 5, num_targets=0)])
     loss_sum, num = model.loss(empty)
@@ -204,3 +206,23 @@ def test_importing_the_model_package_loads_torch_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "['torch']", out.stdout + out.stderr
+
+
+def test_packed_batch_checks_shapes_moves_and_pickles(model):
+    import pickle
+
+    batch = pack(SAMPLES)
+    assert batch.num_tokens == int(batch.cu_seqlens[-1]) and batch.num_samples == len(SAMPLES)
+    with pytest.raises(ValueError, match="target_ids"):
+        dataclasses.replace(batch, target_ids=batch.target_ids[:-1])
+    with pytest.raises(ValueError, match="input_ids"):
+        dataclasses.replace(batch, input_ids=batch.input_ids[None], target_ids=batch.target_ids[None])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        batch.max_seqlen = 1
+    moved = batch.to("meta")
+    assert moved.input_ids.device.type == "meta" and moved.num_target_tokens == batch.num_target_tokens
+    again = pickle.loads(pickle.dumps(batch))
+    assert all(torch.equal(getattr(again, f.name), getattr(batch, f.name))
+               for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor))
+    with pytest.raises(TypeError, match="PackedBatch"):
+        model.loss(dataclasses.asdict(batch))

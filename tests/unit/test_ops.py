@@ -189,3 +189,68 @@ def test_chunked_cross_entropy_edge_cases():
         ce(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long), chunk_size=0)
     with torch.no_grad():  # no gradient buffers without grad
         assert ce(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long)).item() > 0
+
+
+# ------------------------------------------------------------------------------- loss: small micro-batches
+def ce_case(N=12, D=16, V=60, dtype=torch.float32):
+    h = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, D) * 0.3).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[[1, 5]] = IGNORE_INDEX
+    return h, w, t
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_grad_fused_and_compiled_equal_reference(dtype):
+    compiled = fused.resolve_fused_ops("compile", "cpu").softmax_grad
+    for N in (7, 12, 5):  # the row count changes every micro-batch: one dynamic graph
+        logits = (torch.randn(N, 50) * 3).to(dtype)
+        t = torch.randint(0, 50, (N,))
+        t[0] = IGNORE_INDEX
+        ref_loss, ref_g = loss.softmax_grad_reference(logits, t, IGNORE_INDEX)
+        torch.testing.assert_close(ref_loss, F.cross_entropy(logits.float(), t, reduction="sum"))
+        for fn in (loss.softmax_grad_fused, compiled):
+            out_loss, g = fn(logits, t, IGNORE_INDEX)
+            assert g.dtype == dtype and out_loss.dtype == torch.float32
+            torch.testing.assert_close(out_loss, ref_loss)
+            torch.testing.assert_close(g, ref_g)
+        assert torch.all(ref_g[0] == 0)  # an ignored row has no gradient
+
+
+@pytest.mark.parametrize("softmax_grad", [loss.softmax_grad_reference, loss.softmax_grad_fused])
+@pytest.mark.parametrize("chunk,deferred", [(4, False), (12, True), (100, True)])
+def test_deferred_weight_grad_equals_reference(softmax_grad, chunk, deferred):
+    h, w, t = ce_case()
+    ref = loss.reference_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX)
+    ref_grads = torch.autograd.grad(ref * 0.37, (h, w))
+    out = loss.linear_cross_entropy(
+        h, w, t, chunk, ignore_index=IGNORE_INDEX, softmax_grad=softmax_grad, defer_weight_grad=True
+    )
+    # Deferred only when every row fits one chunk (and no more rows than hidden units: see the next test).
+    assert ("Deferred" in type(out.grad_fn).__name__) == deferred
+    grads = torch.autograd.grad(out * 0.37, (h, w))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_deferred_weight_grad_only_where_it_saves_memory():
+    ce = functools.partial(loss.linear_cross_entropy, ignore_index=IGNORE_INDEX, defer_weight_grad=True)
+    h, w, t = ce_case(N=20, D=16)  # more rows than hidden units: g [N, V] would outweigh the [V, D] gradient
+    assert "Deferred" not in type(ce(h, w, t, 4096).grad_fn).__name__
+    h, w, t = ce_case()
+    assert "Deferred" not in type(ce(h, w.detach(), t, 4096).grad_fn).__name__  # frozen head (LoRA): nothing to defer
+    h2 = h.detach().requires_grad_(False)
+    out = ce(h2, w, t, 4096)  # gradient for the head only
+    (grad_w,) = torch.autograd.grad(out, (w,))
+    torch.testing.assert_close(grad_w, torch.autograd.grad(loss.reference_cross_entropy(h2, w, t, ignore_index=IGNORE_INDEX), (w,))[0])
+
+
+def test_deferred_weight_grad_bf16_close_to_previous_path():
+    h, w, t = ce_case(N=40, D=64, V=300, dtype=torch.bfloat16)
+    ce = functools.partial(loss.linear_cross_entropy, ignore_index=IGNORE_INDEX, chunk_size=64)
+    ref_grads = torch.autograd.grad(ce(h, w, t) / 38, (h, w))
+    grads = torch.autograd.grad(ce(h, w, t, softmax_grad=loss.softmax_grad_fused, defer_weight_grad=True) / 38, (h, w))
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 
 import pytest
 
-from otterhd_ray.serve.batcher import Batcher, QueueFull
+from otterhd_ray.serve.batcher import Batcher, QueueFull, Ticket
 from otterhd_ray.serve.engine import Delta, Failed, Finished
 
 
@@ -163,3 +164,68 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_keeps_going():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_queue"):
         Batcher(FakeEngine(), max_queue=0)
+
+
+def test_a_ready_batch_waits_for_a_request_still_being_prepared():
+    engine = FakeEngine()
+
+    async def go():
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_s=0.0, arrival_wait_s=30.0)
+        first = batcher.submit(Item("a"))
+        with batcher.arriving():  # "b" is still decoding its image
+            await asyncio.sleep(0.3)
+            held = list(engine.batches)
+            second = batcher.submit(Item("b"))
+        results = await asyncio.gather(_text(first), _text(second))
+        stats = batcher.stats.snapshot()
+        newer = batcher.stats.snapshot(after=stats["last"])
+        await batcher.close()
+        return held, results, stats, newer
+
+    held, results, stats, newer = asyncio.run(go())
+    assert held == []  # "a" was not started alone
+    assert engine.batches == [["a", "b"]]
+    assert [r[0] for r in results] == ["a0 a1 a2 ", "b0 b1 b2 "]
+    assert stats["summary"]["requests"] == 2 and stats["summary"]["batch_sizes"] == [2]
+    for r in stats["requests"]:
+        assert r["batch_size"] == 2 and r["completion_tokens"] == 3
+        assert 0 <= r["prepared_s"] <= r["started_s"] <= r["first_token_s"] <= r["finished_s"]
+    a = next(r for r in stats["requests"] if r["prepared_s"] == 0.0)
+    assert a["started_s"] >= 0.3  # "a" waited for "b"
+    assert newer["requests"] == [] and newer["summary"]["batches"] == 0
+
+
+def test_the_wait_for_arrivals_is_bounded_and_a_failed_preparation_releases_it():
+    engine = FakeEngine()
+
+    async def go():
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_s=0.0, arrival_wait_s=0.2)
+        with batcher.arriving():  # never submits within the bound
+            first = batcher.submit(Item("a"))
+            await asyncio.wait_for(_text(first), 10)
+        ran_alone = list(engine.batches)
+        batcher.arrival_wait_s = 30.0
+        second = batcher.submit(Item("b"))
+        start = asyncio.get_running_loop().time()
+        with contextlib.suppress(ValueError), batcher.arriving():
+            await asyncio.sleep(0.05)
+            raise ValueError("bad image")  # a 400 before submit: "b" must not wait out the bound
+        await _text(second)
+        waited = asyncio.get_running_loop().time() - start
+        await batcher.close()
+        return ran_alone, waited
+
+    ran_alone, waited = asyncio.run(go())
+    assert ran_alone == [["a"]] and engine.batches == [["a"], ["b"]]
+    assert waited < 10  # released by the failed arrival, not by the 30 s bound (loose for a loaded machine)
+
+
+def test_chunks_group_the_events_already_queued():
+    async def go():
+        ticket = Ticket(Item("a"))
+        for event in (Delta("x"), Delta("y"), Finished("stop", 1, 2)):
+            ticket.events.put_nowait(event)
+        return [group async for group in ticket.chunks()]
+
+    groups = asyncio.run(go())
+    assert len(groups) == 1 and [type(e).__name__ for e in groups[0]] == ["Delta", "Delta", "Finished"]

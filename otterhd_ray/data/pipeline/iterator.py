@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from otterhd_ray.config import DataConfig, FinetuneConfig
-from otterhd_ray.data.buckets import assemble, collate_to_torch
+from otterhd_ray.data.pipeline.microbatch import MicroBatch, collate
 from otterhd_ray.data.pipeline.preprocess import (
     ReadUnit,
     RowGroupCache,
@@ -36,25 +37,24 @@ from otterhd_ray.data.pipeline.schedule import EpochSchedule, schedule_epoch
 from otterhd_ray.data.pipeline.stats import PipelineStats, format_stats
 from otterhd_ray.data.pipeline.worker import ray_has_spare_cpu
 from otterhd_ray.data.rejects import reject_row
-from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PATCH_DIM
+from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PATCH_DIM, PackedBatch
 
 
-def filler_micro_batch(tokenizer_dir: str | Path) -> dict[str, Any]:
+def filler_micro_batch(tokenizer_dir: str | Path) -> PackedBatch:
     """A 3-token micro-batch (one image patch, |NEWLINE|, <s>) with no supervised token: it runs the same
     forward/backward (every parameter touched, so DDP/ZeRO collectives match) and adds nothing to the loss."""
     from otterhd_ray.data.tokenizer import fuyu_tokens, load_tokenizer
 
     tok = fuyu_tokens(load_tokenizer(tokenizer_dir))
-    return {
-        "input_ids": np.array([tok.image, tok.newline, tok.bos], np.int64),
-        "target_ids": np.full(3, IGNORE_INDEX, np.int64),
-        "position_ids": np.arange(3, dtype=np.int64),
-        "cu_seqlens": np.array([0, 3], np.int32),
-        "max_seqlen": 3,
-        "patches": np.zeros((1, PATCH_DIM), np.uint8),
-        "sample_index": np.zeros(0, np.int64),
-        "num_target_tokens": 0,
-    }
+    return PackedBatch(
+        input_ids=torch.tensor([tok.image, tok.newline, tok.bos], dtype=torch.int64),
+        target_ids=torch.full((3,), IGNORE_INDEX, dtype=torch.int64),
+        position_ids=torch.arange(3, dtype=torch.int64),
+        cu_seqlens=torch.tensor([0, 3], dtype=torch.int32),
+        max_seqlen=3,
+        patches=torch.zeros((1, PATCH_DIM), dtype=torch.uint8),
+        num_target_tokens=0,
+    )
 
 
 def _row_to_sample(row: dict[str, Any]) -> dict[str, Any]:
@@ -92,19 +92,19 @@ class TrainIterator:
         self.use_ray = ray_has_spare_cpu() if use_ray is None else use_ray
         self.stats = PipelineStats(max_tokens=cfg.max_tokens)
         self.row_group_cache = RowGroupCache()
-        self._filler = collate_to_torch(filler_micro_batch(tokenizer_dir))
+        self._filler = filler_micro_batch(tokenizer_dir)
         self._started = False
 
     def __len__(self) -> int:
         return self.num_micro_batches - self.start_position
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         if self._started:
             raise RuntimeError("a TrainIterator is iterated once; build a new one for the next epoch")
         self._started = True
         return self._generate()
 
-    def _generate(self) -> Iterator[dict[str, Any]]:
+    def _generate(self) -> Iterator[MicroBatch]:
         p = self.start_position
         if self.rank == 0 and p == 0:
             self._count_plan_rejects()
@@ -121,7 +121,7 @@ class TrainIterator:
         return iter_rows_local(payloads, self.row_group_cache)
 
     def _in_order(self, mbs: list[np.ndarray], units: list[ReadUnit],
-                  rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+                  rows: Iterator[dict[str, Any]]) -> Iterator[MicroBatch]:
         """Gather rows per micro-batch and emit micro-batches strictly in order once complete, so the output
         does not depend on the order rows arrive in (Ray Data preserves it anyway, which bounds the buffer)."""
         waiting: dict[int, list[dict[str, Any]]] = {}
@@ -144,7 +144,7 @@ class TrainIterator:
         if next_j != len(mbs) or waiting:
             raise AssertionError(f"rank {self.rank}: preprocessing lost rows (stopped at micro-batch {next_j})")
 
-    def _emit(self, rows: list[dict[str, Any]], t0: float) -> Iterator[dict[str, Any]]:
+    def _emit(self, rows: list[dict[str, Any]], t0: float) -> Iterator[MicroBatch]:
         j = int(rows[0]["mb"])
         if j < self.start_position:  # re-decoded only to rewrite the unit's rejects file; consumed before
             return
@@ -155,28 +155,26 @@ class TrainIterator:
         good = [r for r in rows if not r["reason"]]
         yield self._micro_batch(j, good) if good else self._filler_at(j)
 
-    def _micro_batch(self, j: int, good: list[dict[str, Any]]) -> dict[str, Any]:
-        samples = [_row_to_sample(r) for r in good]
-        mb = assemble(samples)
-        if len(mb["input_ids"]) > self.cfg.max_tokens:  # internal invariant: the plan predicted every length
-            raise AssertionError(f"micro-batch {j} has {len(mb['input_ids'])} tokens > {self.cfg.max_tokens}")
+    def _micro_batch(self, j: int, good: list[dict[str, Any]]) -> MicroBatch:
+        mb = collate([_row_to_sample(r) for r in good], self.epoch, position=j)
+        packed = mb.packed
+        if packed.num_tokens > self.cfg.max_tokens:  # internal invariant: the plan predicted every length
+            raise AssertionError(f"micro-batch {j} has {packed.num_tokens} tokens > {self.cfg.max_tokens}")
         st = self.stats
         for r in good:
             st.buckets[f"{int(r['bucket_h'])}x{int(r['bucket_w'])}"] += 1
             st.sources[str(r["source"])] += 1
         st.num_micro_batches += 1
         st.num_samples += len(good)
-        st.num_tokens += len(mb["input_ids"])
-        st.num_image_tokens += len(mb["patches"])
-        st.num_target_tokens += mb["num_target_tokens"]
-        out = collate_to_torch(mb)
-        out.update(position=j, is_filler=False, epoch=self.epoch, sample_id=[s["id"] for s in samples])
-        return out
+        st.num_tokens += packed.num_tokens
+        st.num_image_tokens += len(packed.patches)
+        st.num_target_tokens += packed.num_target_tokens
+        return mb
 
-    def _filler_at(self, j: int) -> dict[str, Any]:
+    def _filler_at(self, j: int) -> MicroBatch:
         self.stats.num_micro_batches += 1
         self.stats.num_fillers += 1
-        return {**self._filler, "position": j, "is_filler": True, "epoch": self.epoch, "sample_id": []}
+        return MicroBatch(self._filler, torch.zeros(0, dtype=torch.int64), (), self.epoch, position=j)
 
     def _row_reject(self, row: dict[str, Any]) -> dict[str, Any]:
         return reject_row(str(row["id"]), str(row["source"]), str(row["reason"]), str(row["detail"]),

@@ -1,10 +1,10 @@
 """Fuyu model: config flavours, the input contract, the packed single-device model, decoding, HF interop.
 
 Modules, each importing only those listed before it (no cycles): `inputs` (patch format, image box, ignore
-index), `config` (architecture, flavours), `attention` (how a layer attends: packed or over a KV cache),
-`generate` (decoding; sees the model through a protocol), `model` (layers, packed forward, loss; its `generate`
-method wraps `generate.generate`), `hf` (transformers key map, load/save), `build` (`build_model` from our
-`ModelConfig`). Importing the package loads torch and nothing of transformers, PIL, pydantic or yaml.
+index, `PackedBatch`), `config` (architecture, flavours), `attention` (how a layer attends: packed or over a KV
+cache), `generate` (decoding; sees the model through a protocol), `model` (layers, packed forward, loss; its
+`generate` method wraps `generate.generate`), `hf` (transformers key map, load/save), `build` (`build_model`
+from our `ModelConfig`). Importing the package loads torch and nothing of transformers, PIL, pydantic or yaml.
 The function `generate.generate` is not re-exported here: the name would shadow the `generate` submodule
 (`model.generate(...)` is the way to call it).
 """
@@ -19,6 +19,7 @@ from otterhd_ray.models.fuyu.inputs import (
     NUM_CHANNELS,
     PATCH_DIM,
     PATCH_SIZE,
+    PackedBatch,
     normalize_patches,
 )
 from otterhd_ray.models.fuyu.model import FuyuForCausalLM, new_model, projection
@@ -32,6 +33,7 @@ __all__ = [
     "PATCH_SIZE",
     "FuyuForCausalLM",
     "FuyuModelConfig",
+    "PackedBatch",
     "SamplingParams",
     "build_model",
     "config_for_tokenizer",

@@ -35,6 +35,7 @@ def build_model(
         activation_checkpointing=model_cfg.activation_checkpointing,
         loss_chunk_size=model_cfg.loss_chunk_size,
         selective_every=model_cfg.selective_every,
+        lean_step=model_cfg.lean_step,
     )
     if model_cfg.path:
         model = load_hf(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -122,7 +122,8 @@ def stream_generate(
     in `cancelled` (checked before each step; the caller may add to it while iterating) end early. The
     iterator ends when every row has ended.
 
-    Arguments are checked here, before the first step (ValueError). One host sync per step (the step's tokens).
+    Arguments are checked here, before the first step (ValueError). One host sync per step (the step's tokens),
+    taken after the next step is queued, so host-side work on a step's tokens overlaps the device's next step.
     """
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -154,11 +155,18 @@ def _stream(
         decoding = _GroupedDecoding(model, prompts, groups, budget, chunk_tokens)
     sample = _Sampler(params, model.embed_tokens.weight.device)
     num_emitted = [0] * len(prompts)
-    logits_BV = decoding.prefill()
+    next_B = sample(decoding.prefill())
+    ahead = _queues_ahead(next_B.device)
     while True:
-        next_B = sample(logits_BV)
+        tokens_B = _to_host(next_B)
+        # On an asynchronous device, queue the next step before waiting for this one's tokens: the device computes
+        # it while the host hands the tokens out (and the caller detokenises and streams them). Not queued when
+        # every row reaches its budget here; a step is computed in vain only when the last rows end on a stop id
+        # or a cancel.
+        if ahead and any(not e and num_emitted[b] + 1 < params[b].max_new_tokens for b, e in enumerate(ended)):
+            upcoming_B = sample(decoding.step(next_B))
         out = []
-        for b, token in enumerate(next_B.tolist()):  # the step's one host sync
+        for b, token in enumerate(tokens_B()):  # the step's one host sync (this step's tokens only)
             if ended[b]:
                 continue
             out.append((b, token))
@@ -168,7 +176,30 @@ def _stream(
         ended = [e or b in cancelled for b, e in enumerate(ended)]
         if all(ended):
             return
-        logits_BV = decoding.step(next_B)
+        # queued above when ahead: a row still going had room for another token
+        next_B = upcoming_B if ahead else sample(decoding.step(next_B))
+
+
+def _queues_ahead(device: torch.device) -> bool:
+    """Queue a step ahead only where kernels run asynchronously: on CPU it would only delay the yield."""
+    return device.type == "cuda"
+
+
+def _to_host(x_B: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying `x_B` to the host; the returned function waits for that copy only, not for work queued after
+    it (a CUDA event after a copy into pinned memory; on CPU the values are read at once)."""
+    if x_B.device.type != "cuda":
+        values = x_B.tolist()
+        return lambda: values
+    host_B = x_B.to("cpu", non_blocking=True)  # pinned destination: the copy is asynchronous
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return host_B.tolist()
+
+    return wait
 
 
 class _Sampler:

@@ -10,7 +10,7 @@ Decoding itself lives in `models/fuyu/generate.py` (`generate` here is a thin wr
 Every projection's tensors are read through `projection()` and computed by `ops.fused.project`: the one place a
 low-rank adapter hooks in (see docs/internals.md "Model API").
 
-No Ray, DeepSpeed or data code here (see docs/internals.md for the batch contract).
+No Ray, DeepSpeed or data code here (`inputs.PackedBatch` is the batch contract; docs/internals.md).
 
 Legend: T packed tokens, D hidden, H heads, K head dim, R rotary dims, P patches, C patch values (2700),
 B prompts, V vocabulary, N supervised rows.
@@ -31,7 +31,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from otterhd_ray.models.fuyu.attention import LayerAttention, PackedAttention
 from otterhd_ray.models.fuyu.config import FuyuModelConfig
 from otterhd_ray.models.fuyu.generate import Prompts, generate
-from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, normalize_patches
+from otterhd_ray.models.fuyu.inputs import IGNORE_INDEX, PackedBatch, normalize_patches
 from otterhd_ray.models.fuyu.lora import head_operands
 from otterhd_ray.ops.attention import resolve_attention
 from otterhd_ray.ops.fused import (
@@ -42,7 +42,7 @@ from otterhd_ray.ops.fused import (
     resolve_fused_ops,
     rotary_cos_sin,
 )
-from otterhd_ray.ops.loss import linear_cross_entropy
+from otterhd_ray.ops.loss import linear_cross_entropy, softmax_grad_reference
 
 CHECKPOINTING = ("none", "selective", "full")
 __all__ = ["CHECKPOINTING", "FuyuForCausalLM", "new_model", "projection"]
@@ -139,7 +139,13 @@ _SAVE_OPS = _save_ops()
 
 # ------------------------------------------------------------------------------------------------ model
 class FuyuForCausalLM(nn.Module):
-    """Fuyu decoder. Switches (attention backend, fused ops, checkpointing) are resolved once per device."""
+    """Fuyu decoder. Switches (attention backend, fused ops, checkpointing) are resolved once per device.
+
+    `lean_step` removes per-micro-batch fixed costs that small micro-batches (the seed recipe's 8 samples, ~4.6k
+    tokens) do not amortise, with the same values up to rounding: the image patches are merged by index instead
+    of `masked_scatter` (whose backward runs `masked_select`, a device->host sync every micro-batch), and the
+    loss defers the LM head's weight gradient and, under `fused_ops=compile`, compiles its softmax math
+    (`ops/loss.py`). Off, the model runs the previous path (the reference for the tests and benchmarks)."""
 
     def __init__(
         self,
@@ -149,8 +155,10 @@ class FuyuForCausalLM(nn.Module):
         activation_checkpointing: str = "none",
         loss_chunk_size: int = 2048,
         selective_every: int = 2,
+        lean_step: bool = False,
     ):
         super().__init__()
+        self.lean_step = lean_step
         if selective_every < 0:
             raise ValueError(f"selective_every must be >= 0, got {selective_every}")
         self.selective_every = selective_every
@@ -194,8 +202,11 @@ class FuyuForCausalLM(nn.Module):
         fused_ops: str | None = None,
         activation_checkpointing: str | None = None,
         selective_every: int | None = None,
+        lean_step: bool | None = None,
     ) -> None:
         """Change a switch (tests, benchmarks); takes effect at the next forward."""
+        if lean_step is not None:
+            self.lean_step = lean_step
         if selective_every is not None:
             self.selective_every = selective_every
         if activation_checkpointing is not None:
@@ -234,7 +245,13 @@ class FuyuForCausalLM(nn.Module):
             # uint8 patches are raw pixels (the batch contract); float patches are taken as already normalised.
             pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
             patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens), self.training)
-            x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
+            if self.lean_step:
+                # The placeholders' rows, found without a host sync (the count is the patch count); index_copy's
+                # backward is an index_select, where masked_scatter's is a masked_select (a sync).
+                rows_P = torch.nonzero_static(is_image, size=num_patches, fill_value=0)[:, 0]
+                x_TD = x_TD.index_copy(0, rows_P, patch_PD)
+            else:
+                x_TD = x_TD.masked_scatter(is_image[:, None], patch_PD)
         elif torch.is_grad_enabled():
             # A micro-batch of text-only samples: run the patch projection on zero rows (adds exactly 0) so its
             # parameters still get a (zero) gradient and every rank's DDP/ZeRO reductions match.
@@ -317,26 +334,29 @@ class FuyuForCausalLM(nn.Module):
         return self.logits(self.final_norm(x_BD)).float()
 
     # --------------------------------------------------------------------------------------------- loss
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         """(sum of token cross-entropies over supervised positions, their count) for one packed micro-batch.
 
         Only the supervised rows reach the LM head, in chunks of `loss_chunk_size`: the [T, V] logits never exist.
         """
-        hidden_TD = self(
-            batch["input_ids"], batch.get("patches"), batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"]
-        )
-        targets_T = batch["target_ids"]
+        if not isinstance(batch, PackedBatch):  # a dict of the old contract, or the data layer's MicroBatch
+            raise TypeError(f"loss takes a PackedBatch (models/fuyu/inputs.py), got {type(batch).__name__}; "
+                            "a data-pipeline MicroBatch carries it as `.packed`")
+        hidden_TD = self(batch.input_ids, batch.patches, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        targets_T = batch.target_ids
         supervised_T = targets_T != IGNORE_INDEX
-        num = batch.get("num_target_tokens")
+        num = batch.num_target_tokens
         if num is None:
             num = int(supervised_T.sum())  # host sync; the packer provides the count to avoid it
-        num = int(num)
         # nonzero_static needs the count up front, which the batch carries: no device->host sync here.
         rows_N = torch.nonzero_static(supervised_T, size=num, fill_value=0)[:, 0]
         # The chunked loss takes one weight: an adapter on lm_head joins it as extra columns (lora.head_operands).
         h_ND, head_VD = head_operands(hidden_TD.index_select(0, rows_N), projection(self.lm_head), self.training)
+        _, ops = self.resolve(hidden_TD.device)
         loss_sum = linear_cross_entropy(
-            h_ND, head_VD, targets_T.index_select(0, rows_N), self.loss_chunk_size, ignore_index=IGNORE_INDEX
+            h_ND, head_VD, targets_T.index_select(0, rows_N), self.loss_chunk_size, ignore_index=IGNORE_INDEX,
+            softmax_grad=ops.softmax_grad if self.lean_step else softmax_grad_reference,
+            defer_weight_grad=self.lean_step,
         )
         return loss_sum, num
 
