@@ -32,7 +32,7 @@ STEPS = ("data", "finetune", "export", "evaluate")
 # asked in the benchmark's multiple-choice format (answered with the option's text), bad rows to show the reject
 # accounting; the benchmark is drawn from another seed (held out). benchmarks/demo_learning.py measured what
 # these settings learn.
-NUM_TRAIN, NUM_BENCH, NUM_BAD, SEED, BENCH_SEED = 1024, 64, 8, 0, 1
+NUM_TRAIN, NUM_BENCH, NUM_BAD, SEED, BENCH_SEED = 3072, 64, 8, 0, 1
 LEVEL, MC_FRACTION = "easy", 1.0
 UNTRAINED_DIR = "export_untrained"  # the initial weights of the fine-tune, evaluated beside the fine-tuned model
 
@@ -131,21 +131,43 @@ def export_untrained(cfg: FinetuneConfig, workdir: Path) -> Path:
     return out
 
 
+class _Tail:
+    """The complete lines appended to a JSONL file since the last read (an earlier run's records are skipped)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.is_file() else 0
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open() as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines()]
+
+
 class Progress(threading.Thread):
-    """Prints a progress line about every tenth of the run from the fine-tune's metrics.jsonl as it grows.
+    """Prints a progress line about every tenth of the run from the fine-tune's metrics.jsonl as it grows, and a
+    line per in-training evaluation (`eval:`, eval_metrics.jsonl).
 
     The driver's own view, so it needs no worker log forwarding. The ETA is the pace between logged steps
     (start-up is not training pace); the first line shows none rather than a wrong one."""
 
-    def __init__(self, metrics_path: Path, lines: int = 10) -> None:
+    def __init__(self, output_dir: Path, lines: int = 10) -> None:
+        from otterhd_ray.train.evaluation import EVAL_HISTORY_FILE as EVAL_HISTORY
+
         super().__init__(daemon=True)
-        self.path, self.lines = metrics_path, lines
+        self.lines = lines
+        self.metrics, self.evals = _Tail(output_dir / "metrics.jsonl"), _Tail(output_dir / EVAL_HISTORY)
         self.stop = threading.Event()
-        self._offset = metrics_path.stat().st_size if metrics_path.is_file() else 0  # an earlier run's records
         self._first: tuple[float, int] | None = None
         self._next_step = 0
         self.last: dict[str, Any] | None = None
         self.first: dict[str, Any] | None = None
+        self.eval_history: list[dict[str, Any]] = []
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
@@ -153,15 +175,10 @@ class Progress(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open() as f:
-            f.seek(self._offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next poll
-        self._offset += len(complete.encode())
-        for line in complete.splitlines():
-            self.show(json.loads(line))
+        for m in self.metrics.records():
+            self.show(m)
+        for e in self.evals.records():
+            self.show_eval(e)
 
     def show(self, m: dict[str, Any]) -> None:
         now, step, total = time.perf_counter(), int(m["step"]), int(m.get("total_steps") or 0)
@@ -177,6 +194,15 @@ class Progress(threading.Thread):
         print(f"  step {step:4d}/{total}  loss {m['loss']:.3f}  lr {m['lr']:.1e}  {m['tokens_per_s']:,.0f} tokens/s"
               f"{eta}", flush=True)
 
+    def show_eval(self, e: dict[str, Any]) -> None:
+        self.eval_history.append(e)
+        acc = e.get(f"eval/{e.get('eval/benchmark')}/mc_accuracy")
+        when = {"epoch_end": f"end of epoch {int(e.get('epoch', 0)) + 1}", "end": "end of training"}.get(
+            str(e.get("eval/trigger")), str(e.get("eval/trigger")))
+        score = "n/a" if acc is None else f"{100 * acc:.1f} %"
+        print(f"  step {int(e['step']):4d}  {when}: held-out MC accuracy {score} on {e.get('eval/num_items')} items "
+              f"({e.get('eval/seconds', 0):.0f} s)", flush=True)
+
 
 def step_finetune(cfg: FinetuneConfig) -> Any:
     """Train only: the export step writes the HF directory the evaluation reads (`workdir/export`)."""
@@ -184,7 +210,7 @@ def step_finetune(cfg: FinetuneConfig) -> Any:
 
     ensure_demo_data(resolve_paths(cfg))  # `--steps finetune` on a fresh workdir
     metrics_path = Path(cfg.train.output_dir) / "metrics.jsonl"
-    progress = Progress(metrics_path)
+    progress = Progress(Path(cfg.train.output_dir))
     progress.start()
     started = time.perf_counter()
     try:
@@ -251,12 +277,19 @@ def summary_line(metrics: dict[str, Any]) -> str:
     def pct(r: dict[str, Any]) -> str:
         return "n/a" if r["mc_accuracy"] is None else f"{100 * r['mc_accuracy']:.1f} %"
 
-    n = after["counts"]["evaluated"]
+    def guessed(r: dict[str, Any]) -> str:
+        # MMMU's rule for a reply that names no option: a uniform guess among the four (its expected score)
+        c = r["counts"]
+        return f"{100 * (c['mc_correct'] + c['unparsed'] / 4) / max(c['evaluated'], 1):.0f} %"
+
+    n, unparsed = after["counts"]["evaluated"], before["counts"]["unparsed"]
     return (
-        f"\nheld-out MC accuracy: untrained {pct(before)} -> fine-tuned {pct(after)} ({n} items, 4 options)\n"
+        f"\nheld-out MC accuracy: untrained {pct(before)} -> fine-tuned {pct(after)} ({n} items, 4 options; "
+        f"unparsed replies: {unparsed} -> {after['counts']['unparsed']})\n"
         "meaning: the share of benchmark questions (scenes the fine-tune never saw) answered with the correct "
-        "option; guessing scores 25 %, and the untrained model scores ~0 % because it does not answer in the "
-        "options' words at all (an unparsed reply counts as wrong)."
+        "option; an unparsed reply (one that names no option) counts as wrong, and the untrained model's "
+        f"replies name none, hence its score; guessing scores 25 % (with a random guess for every unparsed reply, "
+        f"as MMMU scores them: untrained {guessed(before)}, fine-tuned {guessed(after)})."
     )
 
 

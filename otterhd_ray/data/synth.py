@@ -112,13 +112,14 @@ class Level:
     train_long_side: tuple[int, int] = (400, 2000)
     bench_long_side: tuple[int, int] = (900, 2000)
     texture: bool = True  # noise-textured background; False: one flat muted colour
+    aspect: tuple[float, float] = (9 / 16, 16 / 9)  # frame width / height, drawn log-uniformly in this range
 
 
 LEVELS: dict[str, Level] = {
     "standard": Level(),
     "easy": Level(
         target_area=(0.12, 0.20), clutter=0.0, distractors=(0, 0), train_long_side=(200, 260),
-        bench_long_side=(200, 260), texture=False,
+        bench_long_side=(200, 260), texture=False, aspect=(1.0, 1.0),
     ),
 }
 
@@ -144,9 +145,11 @@ class Scene:
     distractor_shapes: list[str] = field(default_factory=list)
 
 
-def _size(rng: random.Random, long_min: int, long_max: int) -> tuple[int, int]:
+def _size(
+    rng: random.Random, long_min: int, long_max: int, aspects: tuple[float, float] = (9 / 16, 16 / 9)
+) -> tuple[int, int]:
     long_side = rng.randint(long_min, long_max)
-    aspect = math.exp(rng.uniform(math.log(9 / 16), math.log(16 / 9)))  # width / height
+    aspect = math.exp(rng.uniform(math.log(aspects[0]), math.log(aspects[1])))  # width / height
     if aspect >= 1:
         return long_side, max(64, round(long_side / aspect))
     return max(64, round(long_side * aspect)), long_side
@@ -268,7 +271,7 @@ def draw_scene(
     rng: random.Random, kind: str, long_min: int = 400, long_max: int = 2000, level: Level = LEVELS["standard"]
 ) -> Scene:
     """Draw one scene whose `kind` question has a known answer (the frame size from `long_min`/`long_max`)."""
-    width, height = _size(rng, long_min, long_max)
+    width, height = _size(rng, long_min, long_max, level.aspect)
     image = _background(rng, width, height) if level.texture else Image.new("RGB", (width, height), _muted(rng))
     draw = ImageDraw.Draw(image)
     _draw_clutter(draw, rng, width, height, level.clutter)
