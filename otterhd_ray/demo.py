@@ -32,7 +32,7 @@ STEPS = ("data", "finetune", "export", "evaluate")
 # asked in the benchmark's multiple-choice format (answered with the option's text), bad rows to show the reject
 # accounting; the benchmark is drawn from another seed (held out). benchmarks/demo_learning.py measured what
 # these settings learn.
-NUM_TRAIN, NUM_BENCH, NUM_BAD, SEED, BENCH_SEED = 3072, 64, 8, 0, 1
+NUM_TRAIN, NUM_BENCH, NUM_BAD, SEED, BENCH_SEED = 4096, 64, 8, 0, 1
 LEVEL, MC_FRACTION = "easy", 1.0
 UNTRAINED_DIR = "export_untrained"  # the initial weights of the fine-tune, evaluated beside the fine-tuned model
 
@@ -344,7 +344,8 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all", verbose: b
     if {"finetune", "evaluate"} & set(chosen):
         start_ray(cfg, verbose)
     if "finetune" in chosen:
-        _banner("2/4 fine-tune: debug Fuyu, 2 Ray Train workers, DeepSpeed ZeRO-2 on CPU")
+        _banner(f"2/4 fine-tune: {cfg.model.flavour} Fuyu (random init), {cfg.ray.num_workers} Ray Train workers, "
+                f"DeepSpeed ZeRO-{cfg.deepspeed.stage} on CPU")
         result = step_finetune(cfg)
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     else:
