@@ -133,6 +133,7 @@ def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path)
         f"data.tokenizer_path={tmp_path / 'tokenizer'}", f"data.rejects_path={tmp_path / 'rejects'}",
         f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
         f"train.output_dir={tmp_path / 'out'}", f"eval.data_path={tmp_path / 'data' / 'magnifierbench'}",
+        "train.log_every_steps=2",  # 48 rows make ~20 steps: enough logged windows to see the loss fall
     ])
     outcome = finetune(cfg)  # train.demo_data: the entry point synthesises the data (+ eval benchmark) first
     history = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
