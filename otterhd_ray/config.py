@@ -116,7 +116,7 @@ class ModelConfig(Strict):
     lean_step: bool = Field(
         True, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
         "gradient); same values up to rounding. On by default: measured faster on both workloads (H200, "
-        "docs/benchmarks.md "lean_step": seed 71.6 -> 76.4 %, mixed 73.8 -> 76.1 % useful MFU); false = the reference path."
+        "docs/benchmarks.md, section lean_step: seed 71.6 -> 76.4 %, mixed 73.8 -> 76.1 % useful MFU); false = the reference path."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
 
