@@ -114,8 +114,9 @@ class ModelConfig(Strict):
     )
     loss_chunk_size: int = Field(2048, gt=0, description="Rows of logits materialised at once in the loss.")
     lean_step: bool = Field(
-        False, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
-        "gradient); same values up to rounding. Helps small micro-batches (the seed's 8-sample batches)."
+        True, description="Drop per-micro-batch fixed costs (sync-free image merge, deferred/compiled LM-head "
+        "gradient); same values up to rounding. On by default: measured faster on both workloads (H200, "
+        "docs/benchmarks.md, section lean_step: seed 71.6 -> 76.4 %, mixed 73.8 -> 76.1 % useful MFU); false = the reference path."
     )
     allow_pickle: bool = Field(False, description="Allow loading pickle `.bin` checkpoints (unsafe).")
 

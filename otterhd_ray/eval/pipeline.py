@@ -365,33 +365,11 @@ def evaluate_one(
     for rec in done.values():
         scorer.submit(rec)
 
-    failed: dict[str, str] = {}
-    prediction_error = ""
     predict_start = time.perf_counter()
-    predicted, generate_s = 0, 0.0
-    if todo:
-        try:
-            for out in _predict_stream(cfg, model, _model_inputs(todo, model), predictor_cls, max_new_tokens):
-                item = items[str(out["id"])]
-                rec = _prediction_record(item, out, model, fingerprint, doc_ids[item.id])
-                predictions.write(rec)
-                if rec["error"]:
-                    failed[item.id] = rec["error"]
-                    continue
-                predicted += 1
-                ray_metrics.item_predicted()
-                generate_s += rec["generate_s"]
-                if dataset.debug:
-                    log.info("%s: %r -> %r", item.id, rec["prompts"], rec["responses"])
-                scorer.submit(rec)
-        except Exception as err:  # noqa: BLE001 - report and keep every finished item; a rerun continues
-            prediction_error = f"{type(err).__name__}: {err}"[:1000]
-            log.error(
-                "prediction stopped early for %s on %s: %s",
-                model.display_name,
-                dataset.name,
-                prediction_error,
-            )
+    failed, prediction_error, predicted, generate_s = _predict_todo(
+        cfg, model, dataset, todo, items, doc_ids, fingerprint, predictor_cls, max_new_tokens,
+        predictions, scorer, ray_metrics,
+    )
     predict_s = time.perf_counter() - predict_start
     predictions.close()
     scorer.finish()
@@ -422,6 +400,38 @@ def evaluate_one(
         "items_per_generate_s": _ratio(predicted, generate_s) if predicted and generate_s > 0 else None,
     }
     return metrics
+
+
+def _predict_todo(
+    cfg: BenchmarkConfig, model: BenchModelSpec, dataset: BenchDatasetSpec, todo: list[Item],
+    items: dict[str, Item], doc_ids: dict[str, int], fingerprint: str, predictor_cls: Any, max_new_tokens: int,
+    predictions: _AppendLog, scorer: _Scorer, ray_metrics: _EvalMetrics,
+) -> tuple[dict[str, str], str, int, float]:
+    """Predict the items not done yet, logging and scoring each as it arrives; a failure stops the run early
+    with every finished item kept. Returns (failed id -> error, prediction_error, predicted, generate_s)."""
+    failed: dict[str, str] = {}
+    prediction_error = ""
+    predicted, generate_s = 0, 0.0
+    if not todo:
+        return failed, prediction_error, predicted, generate_s
+    try:
+        for out in _predict_stream(cfg, model, _model_inputs(todo, model), predictor_cls, max_new_tokens):
+            item = items[str(out["id"])]
+            rec = _prediction_record(item, out, model, fingerprint, doc_ids[item.id])
+            predictions.write(rec)
+            if rec["error"]:
+                failed[item.id] = rec["error"]
+                continue
+            predicted += 1
+            ray_metrics.item_predicted()
+            generate_s += rec["generate_s"]
+            if dataset.debug:
+                log.info("%s: %r -> %r", item.id, rec["prompts"], rec["responses"])
+            scorer.submit(rec)
+    except Exception as err:  # noqa: BLE001 - report and keep every finished item; a rerun continues
+        prediction_error = f"{type(err).__name__}: {err}"[:1000]
+        log.error("prediction stopped early for %s on %s: %s", model.display_name, dataset.name, prediction_error)
+    return failed, prediction_error, predicted, generate_s
 
 
 def _rewrite_sorted(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ APP_METRICS = {
     # otterhd_ray/train/metrics.py names its counters with the suffix already.
     "otterhd_train_tokens_total": "counter",
     "otterhd_train_samples_total": "counter",
+    "otterhd_train_eval_score": "gauge",  # train/evaluation.py through MetricsSink.log_eval
     "otterhd_eval_items_done": "counter",
     "otterhd_eval_items_per_s": "gauge",
     "otterhd_eval_judge_requests": "counter",
