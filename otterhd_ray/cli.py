@@ -13,6 +13,7 @@
     otterhd serve --model DIR [--adapter DIR] [--replicas N] [--gpus-per-replica G] [--port P]
     otterhd chat --model DIR [--image FILE]
     otterhd demo [--workdir DIR]
+    otterhd plot RUN_DIR                      (loss.png per metrics.jsonl, per_kind.png per evaluation)
 
 Heavy modules (torch, ray, deepspeed) are imported inside each command so `otterhd --help` stays instant.
 """
@@ -33,7 +34,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from otterhd_ray.data.synth import synthesize
 
-    stats = synthesize(args.out, num_train=args.train, num_bench=args.bench, seed=args.seed, num_bad=args.bad)
+    stats = synthesize(
+        args.out, num_train=args.train, num_bench=args.bench, seed=args.seed, num_bad=args.bad, level=args.level,
+        bench_seed=args.bench_seed,
+    )
     print(json.dumps(stats, indent=2, default=str))
     return 0
 
@@ -129,7 +133,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from otterhd_ray.demo import run_demo
 
-    run_demo(args.workdir, steps=args.steps)
+    run_demo(args.workdir, steps=args.steps, verbose=args.verbose)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from otterhd_ray.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
     return 0
 
 
@@ -156,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", type=int, default=32, help="benchmark items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad", type=int, default=0, help="inject this many bad rows (to exercise rejects)")
+    p.add_argument("--level", default="standard", help="scene difficulty: standard (MagnifierBench-like) | easy")
+    p.add_argument("--bench-seed", type=int, default=None, help="benchmark seed (default --seed): held-out scenes")
     p.set_defaults(func=_cmd_synth)
 
     p = data.add_parser("convert", help="LLaVA / sharegpt / alpaca / HF parquet / the_cauldron / MIMIC-IT -> shards")
@@ -206,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synth -> finetune -> export -> evaluate on a local Ray, tiny model")
     p.add_argument("--workdir", default="demo_output")
     p.add_argument("--steps", default="all", help="comma list of: data,finetune,export,evaluate (default all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="every log line (Ray workers, DeepSpeed, ...)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="PNG figures of a run: loss.png per metrics.jsonl, per_kind.png per evaluation")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

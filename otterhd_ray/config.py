@@ -101,7 +101,7 @@ class DataConfig(Strict):
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(Strict):
-    flavour: Literal["fuyu-8b", "debug"] = "debug"
+    flavour: Literal["fuyu-8b", "debug", "demo", "study"] = "debug"
     path: str | None = Field(None, description="Local HF Fuyu directory to load weights (and tokenizer) from.")
     num_layers: int | None = Field(None, description="Override the flavour's depth (benchmarks).")
     attention: Literal["auto", "flash", "varlen", "flex", "sdpa", "eager"] = "auto"

@@ -100,6 +100,36 @@ BENCH_FILE = "magnifierbench/data/test-00000-of-00001.parquet"
 SOURCE = "synth"
 
 
+@dataclass(frozen=True)
+class Level:
+    """How hard the scenes are. `standard` is MagnifierBench-like (a ~1% target among clutter and 3-6 saturated
+    distractors on 400-2000 px frames); `easy` is what a tiny model learns in minutes on a CPU (the demo): a
+    larger target, little clutter, one or two distractors, small frames."""
+
+    target_area: tuple[float, float] = (0.007, 0.013)  # fraction of the frame the target (group) covers
+    clutter: float = 1.0  # multiplier of the number of muted clutter strokes
+    distractors: tuple[int, int] = (3, 6)  # saturated non-target objects drawn (fewer when they do not fit)
+    train_long_side: tuple[int, int] = (400, 2000)
+    bench_long_side: tuple[int, int] = (900, 2000)
+    texture: bool = True  # noise-textured background; False: one flat muted colour
+    aspect: tuple[float, float] = (9 / 16, 16 / 9)  # frame width / height, drawn log-uniformly in this range
+
+
+LEVELS: dict[str, Level] = {
+    "standard": Level(),
+    "easy": Level(
+        target_area=(0.12, 0.20), clutter=0.0, distractors=(0, 0), train_long_side=(200, 260),
+        bench_long_side=(200, 260), texture=False, aspect=(1.0, 1.0),
+    ),
+}
+
+
+def get_level(name: str) -> Level:
+    if name not in LEVELS:
+        raise ValueError(f"unknown synth level {name!r}; choose one of {sorted(LEVELS)}")
+    return LEVELS[name]
+
+
 # -------------------------------------------------------------------------------------------- scenes
 @dataclass
 class Scene:
@@ -115,9 +145,11 @@ class Scene:
     distractor_shapes: list[str] = field(default_factory=list)
 
 
-def _size(rng: random.Random, long_min: int, long_max: int) -> tuple[int, int]:
+def _size(
+    rng: random.Random, long_min: int, long_max: int, aspects: tuple[float, float] = (9 / 16, 16 / 9)
+) -> tuple[int, int]:
     long_side = rng.randint(long_min, long_max)
-    aspect = math.exp(rng.uniform(math.log(9 / 16), math.log(16 / 9)))  # width / height
+    aspect = math.exp(rng.uniform(math.log(aspects[0]), math.log(aspects[1])))  # width / height
     if aspect >= 1:
         return long_side, max(64, round(long_side / aspect))
     return max(64, round(long_side * aspect)), long_side
@@ -139,8 +171,10 @@ def _background(rng: random.Random, width: int, height: int) -> Image.Image:
     return ImageOps.colorize(noise, _muted(rng, 30, 110), _muted(rng, 140, 235))
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: random.Random, width: int, height: int) -> None:
-    num = min(90, 12 + width * height // 40_000)
+def _draw_clutter(
+    draw: ImageDraw.ImageDraw, rng: random.Random, width: int, height: int, density: float = 1.0
+) -> None:
+    num = round(min(90, 12 + width * height // 40_000) * density)
     for _ in range(num):
         colour = _muted(rng)
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
@@ -233,16 +267,18 @@ def _quadrant_region(position: str, width: int, height: int) -> tuple[float, flo
     return x[0], y[0], x[1], y[1]
 
 
-def draw_scene(rng: random.Random, kind: str, long_min: int = 400, long_max: int = 2000) -> Scene:
-    """Draw one scene whose `kind` question has a known answer."""
-    width, height = _size(rng, long_min, long_max)
-    image = _background(rng, width, height)
+def draw_scene(
+    rng: random.Random, kind: str, long_min: int = 400, long_max: int = 2000, level: Level = LEVELS["standard"]
+) -> Scene:
+    """Draw one scene whose `kind` question has a known answer (the frame size from `long_min`/`long_max`)."""
+    width, height = _size(rng, long_min, long_max, level.aspect)
+    image = _background(rng, width, height) if level.texture else Image.new("RGB", (width, height), _muted(rng))
     draw = ImageDraw.Draw(image)
-    _draw_clutter(draw, rng, width, height)
+    _draw_clutter(draw, rng, width, height, level.clutter)
 
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     count = rng.randint(1, 5) if kind == "count" else 1
-    area = rng.uniform(0.007, 0.013) * width * height  # ~1% of the frame, shared by the counted group
+    area = rng.uniform(*level.target_area) * width * height  # ~1% of the frame (standard), shared by a group
     r = max(6.0, 0.5 * math.sqrt(area / count))
     taken: list[tuple[float, float, float]] = []
     position = rng.choice(POSITIONS) if kind != "count" else None
@@ -260,7 +296,7 @@ def draw_scene(rng: random.Random, kind: str, long_min: int = 400, long_max: int
     other_colours = [c for c in COLOURS if c != colour]
     other_shapes = [s for s in SHAPES if s != shape]
     distractor_colours, distractor_shapes = [], []
-    for _ in range(rng.randint(3, 6)):
+    for _ in range(rng.randint(*level.distractors)):
         d_colour, d_shape = rng.choice(other_colours), rng.choice(other_shapes)
         d_r = r * rng.uniform(0.7, 1.6)
         spot = _place(rng, d_r, (0.0, 0.0, float(width), float(height)), taken)
@@ -380,30 +416,71 @@ def _image_format(rng: random.Random, image: Image.Image) -> str:
     return "png" if rng.random() < 0.3 and max(image.size) <= 1280 else "jpeg"
 
 
-def train_row(seed: int, index: int) -> dict[str, Any]:
+def mc_instruction(question: str, options: list[str]) -> str:
+    """MagnifierBench's layout: `"<question> A. <opt>, B. <opt>, C. <opt>, D. <opt>"`."""
+    return question + " " + ", ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+
+
+def train_row(
+    seed: int, index: int, level: str = "standard", mc_fraction: float = 0.0, mc_prompt: str = ""
+) -> dict[str, Any]:
+    """Training row `index`. With `mc_fraction`, that share of rows (a fixed per-row draw) asks the benchmark's
+    multiple-choice question instead, `mc_prompt` first (the evaluation's prompt), answered with the correct
+    option's *text* — an answer the strict parser maps back to its letter and a tiny model can learn."""
+    lv = get_level(level)
     rng = random.Random(f"otterhd-synth-train-{seed}-{index}")
-    scene = draw_scene(rng, rng.choice(KINDS))
+    scene = draw_scene(rng, rng.choice(KINDS), *lv.train_long_side, level=lv)
+    image = encode(scene.image, _image_format(rng, scene.image))
+    if mc_fraction and random.Random(f"otterhd-synth-mc-{seed}-{index}").random() < mc_fraction:
+        question, options, truth = _options(rng, scene)
+        text = mc_instruction(question, options)
+        conversations = [
+            {"role": "user", "text": f"{mc_prompt} {text}" if mc_prompt else text},
+            {"role": "assistant", "text": truth},
+        ]
+    else:
+        conversations = _conversation(rng, scene)
     return {
         "id": f"syn-{seed}-{index:06d}",
-        "image": encode(scene.image, _image_format(rng, scene.image)),
+        "image": image,
         "image_id": f"syn-img-{seed}-{index:06d}",
-        "conversations": _conversation(rng, scene),
+        "conversations": conversations,
         "source": SOURCE,
     }
 
 
-def bench_row(seed: int, index: int) -> dict[str, Any]:
+def scene_example(
+    rng: random.Random, level: Level, long_side: tuple[int, int], mc_fraction: float = 0.0, mc_prompt: str = "",
+    kind: str | None = None,
+) -> tuple[Scene, list[dict[str, str]], tuple[str, list[str], str]]:
+    """An unencoded example for in-memory streams (the resolution study): the scene, a training conversation
+    (`mc_fraction` of them in the benchmark's MC format, answered with the option text, as in `train_row`) and
+    the scene's (question, four options, correct option) for evaluation."""
+    scene = draw_scene(rng, kind or rng.choice(KINDS), *long_side, level=level)
+    question, options, truth = _options(rng, scene)
+    if rng.random() < mc_fraction:
+        text = mc_instruction(question, options)
+        conversations = [
+            {"role": "user", "text": f"{mc_prompt} {text}" if mc_prompt else text},
+            {"role": "assistant", "text": truth},
+        ]
+    else:
+        conversations = _conversation(rng, scene)
+    return scene, conversations, (question, options, truth)
+
+
+def bench_row(seed: int, index: int, level: str = "standard") -> dict[str, Any]:
+    lv = get_level(level)
     rng = random.Random(f"otterhd-synth-bench-{seed}-{index}")
-    scene = draw_scene(rng, KINDS[index % len(KINDS)], long_min=900, long_max=2000)
+    scene = draw_scene(rng, KINDS[index % len(KINDS)], *lv.bench_long_side, level=lv)
     q, options, truth = _options(rng, scene)
-    letters = "ABCD"
-    instruction = q + " " + ", ".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
+    instruction = mc_instruction(q, options)
     fmt = _image_format(rng, scene.image)
     item_id = f"mag-{seed}-{index:04d}"
     return {
         "id": item_id,
         "instruction": instruction,
-        "answer": letters[options.index(truth)],
+        "answer": "ABCD"[options.index(truth)],
         "images": [
             {"bytes": encode(scene.image, fmt), "path": f"{item_id}.{'png' if fmt == 'png' else 'jpg'}"}
         ],
@@ -577,13 +654,23 @@ def synthesize(
     seed: int = 0,
     num_bad: int = 0,
     rows_per_file: int = 64,
+    level: str = "standard",
+    bench_seed: int | None = None,
+    mc_fraction: float = 0.0,
+    mc_prompt: str = "",
 ) -> dict[str, Any]:
     """Write `out_dir/train/shard-*.parquet` and `out_dir/magnifierbench/data/test-00000-of-00001.parquet`.
 
     Deterministic per seed. Existing synth outputs in `out_dir` are replaced. Returns JSON-friendly stats.
+    `level`: scene difficulty (`LEVELS`); `bench_seed` (default `seed`) draws a held-out benchmark from other
+    scenes; `mc_fraction` / `mc_prompt`: see `train_row`.
     """
     if num_train < 0 or num_bench < 0 or num_bad < 0:
         raise ValueError("num_train, num_bench and num_bad must be >= 0")
+    if not 0.0 <= mc_fraction <= 1.0:
+        raise ValueError(f"mc_fraction must be in [0, 1], got {mc_fraction}")
+    get_level(level)
+    bench_seed = seed if bench_seed is None else bench_seed
     start = time.perf_counter()
     out = Path(out_dir)
     total = num_train + num_bad
@@ -600,13 +687,13 @@ def synthesize(
                 row = bad_row(seed, bad_at[position])
                 kinds[row["id"].split("-")[0]] += 1
             else:
-                row = train_row(seed, next_train)
+                row = train_row(seed, next_train, level, mc_fraction, mc_prompt)
                 next_train += 1
                 kinds["ok"] += 1
             w.write(row)
     bench_path = out / BENCH_FILE
     if num_bench:
-        _write_bench(bench_path, [bench_row(seed, i) for i in range(num_bench)])
+        _write_bench(bench_path, [bench_row(bench_seed, i, level) for i in range(num_bench)])
     elif bench_path.exists():
         bench_path.unlink()  # a stale benchmark from an earlier run must not pass for this one
     return {
@@ -620,5 +707,7 @@ def synthesize(
         "bench_path": str(bench_path) if num_bench else None,
         "num_bench": num_bench,
         "seed": seed,
+        "bench_seed": bench_seed,
+        "level": level,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -4,10 +4,13 @@ each run's counts, breakdowns, judge and timing) and lmms-eval's results / sampl
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from otterhd_ray.eval.lmms_output import write_lmms_eval
+
+log = logging.getLogger(__name__)
 
 
 def _pct(x: float | None) -> str:
@@ -142,6 +145,19 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_kind_chart(metrics: dict[str, Any], out: Path) -> Path | None:
+    """per_kind.png when some run has question kinds; a failed figure never fails the evaluation."""
+    if not any((r.get("breakdown") or {}).get("question_kinds") for r in metrics.get("runs", [])):
+        return None
+    try:
+        from otterhd_ray.plots import PER_KIND_PNG, plot_per_kind
+
+        return plot_per_kind(metrics, out / PER_KIND_PNG)
+    except Exception as err:  # noqa: BLE001 (matplotlib missing, ...): the numbers are in the report anyway
+        log.warning("no per-kind chart (%s: %s)", type(err).__name__, err)
+        return None
+
+
 def write_report(out_dir: str | Path, metrics: dict[str, Any], extra_path: str | Path | None = None) -> str:
     """Write the lmms-eval files, metrics.json and report.md under `out_dir` (and the report to
     `extra_path`); return the report text."""
@@ -150,6 +166,9 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], extra_path: str |
     metrics["lmms_eval_files"] = [str(p) for p in write_lmms_eval(out / "lmms_eval", metrics)]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
     text = format_report(metrics)
+    chart = _per_kind_chart(metrics, out)
+    if chart:
+        text += f"\n![multiple-choice accuracy per question kind]({chart.name})\n"
     (out / "report.md").write_text(text)
     if extra_path:
         Path(extra_path).parent.mkdir(parents=True, exist_ok=True)

@@ -335,10 +335,13 @@ def _run(
 ) -> dict[str, Any]:
     rank, world, gas = ctx.rank, ctx.world_size, cfg.train.gradient_accumulation_steps
     total = state.total_steps
-    sink = MetricsSink(cfg, rank, cfg.ray.name, Path(cfg.train.output_dir) / "metrics.jsonl")
+    metrics_path = Path(cfg.train.output_dir) / "metrics.jsonl"
+    # Read before the sink and the ledger open (append) their files: this start's number in them.
+    attempt = max(next_attempt(metrics_path) if rank == 0 else 0, next_attempt(_SampleLedger.path(cfg, rank)))
+    sink = MetricsSink(cfg, rank, cfg.ray.name, metrics_path)
     window = WindowAccumulator(device)
     faults = _Faults(cfg.faults, rank)
-    ledger = _SampleLedger(cfg, rank)
+    ledger = _SampleLedger(cfg, rank, attempt)
     config_json = cfg.model_dump_json(indent=2)
     extra_files = {}
     if hasattr(getattr(engine.model, "config", None), "to_hf_dict"):
@@ -386,6 +389,7 @@ def _run(
             want_ckpt = at_end or bool(every and state.global_step % every == 0)
             if want_ckpt or state.global_step % cfg.train.log_every_steps == 0:
                 last = _window_metrics(window, engine, state, world, flops_tok, peak, resumed_from, epoch)
+                last["attempt"] = attempt
                 sink.log(last, total)
                 if want_ckpt:
                     checkpoint_and_report({**last, **evaluated})
@@ -394,7 +398,20 @@ def _run(
             faults.maybe_stop(state.global_step)
     ledger.close()
     sink.close()
+    if rank == 0:
+        write_loss_png(Path(cfg.train.output_dir) / "metrics.jsonl")
     return last
+
+
+def write_loss_png(metrics_path: Path) -> None:
+    """loss.png beside the metrics file; a figure that cannot be drawn is a warning, never a failed run."""
+    try:
+        from otterhd_ray.plots import plot_training
+
+        if metrics_path.is_file():
+            logger.info("training curves: %s", plot_training(metrics_path))
+    except Exception as err:  # noqa: BLE001 (matplotlib missing, a full disk: the trained model still counts)
+        logger.warning("no loss.png (%s: %s); `otterhd plot %s` retries", type(err).__name__, err, metrics_path.parent)
 
 
 def _train_step(
@@ -451,26 +468,51 @@ def _window_metrics(
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,
         "resumed_from_step": resumed_from,
+        "total_steps": state.total_steps,
     }
+
+
+def next_attempt(path: Path) -> int:
+    """1 + the largest `attempt` in an existing JSONL file (0 for a new one).
+
+    Every start of the loop that appends to a metrics or sample log takes the next number, so steps a restart
+    replays (it resumes from the last checkpoint, behind the last logged step) are told apart from the first
+    run's records by `attempt`, not guessed from their order. Per file: a restart on another node starts a
+    file of its own."""
+    if not path.is_file():
+        return 0
+    last = -1
+    with path.open() as f:
+        for line in f:
+            try:
+                last = max(last, int(json.loads(line).get("attempt", 0)))
+            except (ValueError, TypeError, AttributeError):  # a torn last line of a killed writer
+                continue
+    return last + 1
 
 
 class _SampleLedger:
     """`train.log_samples`: one JSON line per optimizer step with the samples this rank trained on."""
 
-    def __init__(self, cfg: FinetuneConfig, rank: int) -> None:
+    @staticmethod
+    def path(cfg: FinetuneConfig, rank: int) -> Path:
+        return Path(cfg.train.output_dir) / "samples" / f"rank{rank}.jsonl"
+
+    def __init__(self, cfg: FinetuneConfig, rank: int, attempt: int = 0) -> None:
         self._file = None
         if cfg.train.log_samples:
-            path = Path(cfg.train.output_dir) / "samples" / f"rank{rank}.jsonl"
+            path = self.path(cfg, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a")
-        self.rank = rank
+        self.rank, self.attempt = rank, attempt
 
     def write(self, state: TrainState, micro: list[MicroBatch]) -> None:
         if self._file is None:
             return
         # called before the step's counters advance: `step` is 0-based here, `epoch` the step's own epoch
         indices = [int(i) for mb in micro for i in mb.sample_index.tolist()]
-        record = {"step": state.global_step, "epoch": state.epoch, "rank": self.rank, "sample_index": indices}
+        record = {"step": state.global_step, "epoch": state.epoch, "rank": self.rank, "attempt": self.attempt,
+                  "sample_index": indices}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -167,7 +167,7 @@ class MetricsSink:
         self._counters: dict[str, Any] = {}
         self._eval_gauge: Any = None
         self._history = Path(history_path) if history_path and rank == 0 else None
-        self._started = time.perf_counter()
+        self._first_log: tuple[float, int] | None = None  # (time, step) of the first logged window
         if rank != 0:
             return
         if self._history is not None:
@@ -238,10 +238,13 @@ class MetricsSink:
             self._wandb.log(scores, step=int(record["step"]))
 
     def format_line(self, m: dict[str, Any], total_steps: int) -> str:
-        step = int(m["step"])
-        done = step - int(m.get("resumed_from_step", 0))
-        elapsed = time.perf_counter() - self._started
-        eta = dt.timedelta(seconds=int(elapsed / done * (total_steps - step))) if done > 0 else "?"
+        step, now = int(m["step"]), time.perf_counter()
+        # The pace since the first logged window: time before it (Ray / DeepSpeed start-up, the first batch's
+        # pipeline start) is not training pace, and counting it made the first ETAs far too long.
+        if self._first_log is None:
+            self._first_log = (now, step)
+        t0, s0 = self._first_log
+        eta = dt.timedelta(seconds=int((now - t0) / (step - s0) * (total_steps - step))) if step > s0 else "?"
         mfu = f" mfu {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
         mem = f" mem {m['peak_memory_gib']:.1f}GiB" if m.get("peak_memory_gib") is not None else ""
         return (

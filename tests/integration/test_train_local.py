@@ -311,3 +311,24 @@ def test_fused_torch_adam_switch_reaches_deepspeed(fused):
     inner = engine.ds_engine.optimizer.optimizer  # ZeRO's wrapper around the torch optimizer
     assert isinstance(inner, torch.optim.AdamW)
     assert bool(inner.defaults.get("fused")) is fused
+
+
+def test_a_restart_marks_its_records_with_the_next_attempt(data_dir, tmp_path):
+    """Steps replayed after a restart are not ambiguous duplicates: metrics.jsonl and the sample ledger carry
+    the attempt that wrote them; the run ends with loss.png beside its metrics."""
+    cfg = _cfg(data_dir, tmp_path, "train.checkpoint_every_steps=2", "train.epochs=1")
+    with pytest.raises(InjectedStop):  # logged step 3, checkpoint at step 2
+        _run(_cfg(data_dir, tmp_path, "train.checkpoint_every_steps=2", "train.epochs=1",
+                  "faults.stop_after_step=3"), tmp_path / "ckpt")
+    ckpt = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]
+    _run(cfg, tmp_path / "ckpt2", resume_from=ckpt)
+    history = _history(tmp_path)
+    pairs = [(r["step"], r["attempt"]) for r in history]
+    assert len(set(pairs)) == len(pairs)
+    assert [a for s, a in pairs if s == 3] == [0, 1]  # step 3 ran twice: once per attempt
+    assert {a for s, a in pairs if s > 3} == {1}
+    ledger = [json.loads(x) for x in (tmp_path / "samples" / "rank0.jsonl").read_text().splitlines()]
+    replayed = [r for r in ledger if r["step"] == 2]  # the ledger's step is 0-based: step 3 above
+    assert [r["attempt"] for r in replayed] == [0, 1]
+    assert replayed[0]["sample_index"] == replayed[1]["sample_index"]  # the same samples, replayed
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

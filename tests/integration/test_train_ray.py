@@ -133,17 +133,21 @@ def test_demo_config_trains_with_a_falling_loss_and_exports(ray_local, tmp_path)
         f"data.tokenizer_path={tmp_path / 'tokenizer'}", f"data.rejects_path={tmp_path / 'rejects'}",
         f"data.index_cache_dir={tmp_path / 'index'}", f"ray.storage_path={tmp_path / 'ray'}",
         f"train.output_dir={tmp_path / 'out'}", f"eval.data_path={tmp_path / 'data' / 'magnifierbench'}",
+        "train.log_every_steps=2",  # 48 rows make ~20 steps: enough logged windows to see the loss fall
     ])
     outcome = finetune(cfg)  # train.demo_data: the entry point synthesises the data (+ eval benchmark) first
     history = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history]
     assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
-    assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == 3 * 48
+    epochs = cfg.train.epochs
+    assert history[-1]["lr"] == 0.0 and history[-1]["samples_seen"] == epochs * 48
     assert outcome.result.checkpoint is not None
-    # the demo's `eval:` block: one evaluation per epoch end on all 16 held-out items, the last one at the end
+    # the demo's `eval:` block: one evaluation per epoch end on the held-out items (demo_data synthesised them
+    # beside the shards), the last epoch's at the end of training
     evals = [json.loads(x) for x in (tmp_path / "out" / "eval_metrics.jsonl").read_text().splitlines()]
-    assert [e["eval/trigger"] for e in evals] == ["epoch_end", "epoch_end", "end"]
-    assert all(e["eval/num_items"] == 16 for e in evals) and evals[-1]["step"] == history[-1]["step"]
+    assert [e["eval/trigger"] for e in evals] == ["epoch_end"] * (epochs - 1) + ["end"]
+    assert all(e["eval/num_items"] == cfg.eval.max_items for e in evals)
+    assert evals[-1]["step"] == history[-1]["step"]
     assert outcome.hf_dir == tmp_path / "out" / "hf" and (outcome.hf_dir / "config.json").is_file()
     # The loop's ray.util.metrics reach this node's Prometheus export (prefixed `ray_` by Ray).
     port = ray_local._private.worker._global_node.metrics_export_port

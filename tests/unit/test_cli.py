@@ -65,3 +65,40 @@ def test_finetune_exit_code_follows_the_training_outcome(tmp_path, monkeypatch, 
     assert main(["finetune", "--config", str(cfg)]) == 1
     captured = capsys.readouterr()
     assert '"status": "failed"' in captured.out and "worker died" in captured.err
+
+
+def _run(model: str, correct: int, unparsed: int, n: int = 64) -> dict:
+    return {"model": model, "mc_accuracy": correct / n,
+            "counts": {"evaluated": n, "mc_correct": correct, "unparsed": unparsed}}
+
+
+def test_demo_summary_says_what_the_numbers_mean():
+    from otterhd_ray.demo import summary_line
+
+    text = summary_line({"runs": [_run("untrained", 0, 64), _run("fine-tuned", 40, 4)]})
+    assert "untrained 0.0 % -> fine-tuned 62.5 % (64 items, 4 options; unparsed replies: 64 -> 4)" in text
+    # the expected score with a random guess per unparsed reply: 64/4 of 64 and (40 + 1) of 64
+    assert "untrained 25 %, fine-tuned 64 %" in text
+    assert summary_line({"runs": [_run("fine-tuned", 1, 0)]}) == ""
+
+
+def test_demo_progress_prints_training_and_in_training_eval_lines(tmp_path, capsys):
+    import json
+
+    from otterhd_ray.demo import Progress
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run's record: not shown
+    progress = Progress(tmp_path, lines=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        for step in (2, 4):
+            f.write(json.dumps({"step": step, "total_steps": 4, "loss": 1.0 / step, "lr": 1e-3,
+                                "tokens_per_s": 1000.0}) + "\n")
+    (tmp_path / "eval_metrics.jsonl").write_text(json.dumps({
+        "step": 4, "epoch": 0, "eval/benchmark": "magnifierbench", "eval/trigger": "epoch_end",
+        "eval/num_items": 64, "eval/seconds": 1.5, "eval/magnifierbench/mc_accuracy": 0.375}) + "\n"
+        + '{"step": 5, "eval/benchmark"')  # a line still being written: waits for the next poll
+    progress.poll()
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out] == ["2/4", "4/4", "4"]
+    assert out[-1].strip() == "step    4  end of epoch 1: held-out MC accuracy 37.5 % on 64 items (2 s)"
+    assert progress.first["step"] == 2 and progress.last["step"] == 4 and len(progress.eval_history) == 1

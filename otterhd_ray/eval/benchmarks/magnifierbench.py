@@ -53,6 +53,37 @@ def mc_prompt(instruction: str, prompt: str) -> str:
     return f"{prompt} {instruction}" if prompt else instruction
 
 
+# Question kinds by the question's opening words: the synthetic benchmark's four (otterhd_ray.data.synth). The
+# HF benchmark's questions are free text; those that match none are "other", and with no known kind at all the
+# report has no per-kind table.
+_KIND_RE = (
+    ("colour", re.compile(r"^\s*what colou?r\b", re.I)),
+    ("shape", re.compile(r"^\s*what shape\b", re.I)),
+    ("count", re.compile(r"^\s*how many\b", re.I)),
+    ("position", re.compile(r"^\s*(where is|in which part)\b", re.I)),
+)
+
+
+def question_kind(question: str) -> str:
+    """colour / shape / count / position by the question's opening words, else "other"."""
+    for kind, pattern in _KIND_RE:
+        if pattern.search(question):
+            return kind
+    return "other"
+
+
+def kinds_breakdown(kinds: Sequence[str], correct: Sequence[bool]) -> dict[str, dict[str, Any]]:
+    """{kind: {correct, total, accuracy}} of the MC answers; empty when no question has a known kind."""
+    table: dict[str, list[int]] = {}
+    for kind, ok in zip(kinds, correct, strict=True):
+        cell = table.setdefault(kind, [0, 0])
+        cell[0] += int(bool(ok))
+        cell[1] += 1
+    if set(table) <= {"other"}:
+        return {}
+    return {k: {"correct": c, "total": t, "accuracy": c / t} for k, (c, t) in sorted(table.items())}
+
+
 @register
 class MagnifierBench(Benchmark):
     name = "magnifierbench"
@@ -87,6 +118,7 @@ class MagnifierBench(Benchmark):
             "ff_answer": options[answer],
             # The seed's question (prompt + instruction): what the legacy parser reads its options from.
             "mc_question": mc_question,
+            "kind": question_kind(question),
         }
         post = self.spec.post_prompt or ""
         return Item(item_id, image, {"mc": mc_question + post, "ff": question}, answer, doc)
@@ -106,6 +138,7 @@ class MagnifierBench(Benchmark):
         except Exception as err:  # noqa: BLE001 - a judge bug must not lose the item: it stays unjudged
             res = JudgeResult(item.id, None, error=f"{type(err).__name__}: {err}"[:300])
         return {
+            "kind": doc.get("kind", "other"),
             "mc_parse": ctx.mc_parse,
             "mc_pred": mc_pred,
             "mc_correct": mc_pred == doc["answer"],
@@ -136,9 +169,11 @@ class MagnifierBench(Benchmark):
             "mc_correct": mc_correct,
             "ff_correct": ff_correct,
         }
+        kinds = kinds_breakdown([r.get("kind", "other") for r in records], [r["mc_correct"] for r in records])
         return Aggregate(
             scores={"mc_accuracy": mc_acc, "ff_accuracy": ff_acc},
             headline=[("MC acc", _pct(mc_acc)), ("free-form acc", _pct(ff_acc))],
+            breakdown={"question_kinds": kinds} if kinds else {},
             counts=counts,
             extra=extra,
         )

@@ -1,0 +1,371 @@
+"""Loss-curve parity: our training loop vs a plain transformers `FuyuForCausalLM` loop (issue 13, item 1).
+
+    python benchmarks/convergence.py --out docs/convergence        # GPU: bf16, DeepSpeed ZeRO-2, 300 steps
+    python benchmarks/convergence.py --smoke --out /tmp/conv        # CPU: fp32, debug model, 20 steps
+
+Both runs start from the same weights (one random init saved as an HF directory, loaded by both), see the same
+samples in the same order, and use the same optimizer and schedule:
+
+  ours      : `train_loop_per_worker` in this process (a `LocalContext`, no Ray): the input pipeline's packed
+              micro-batches (bucketed resize, no padding), the model's fused ops / varlen attention, DeepSpeed
+              ZeRO-2 (bf16 on GPU; fp32 on CPU), one micro-batch per optimizer step, loss logged every step;
+  reference : transformers `FuyuForCausalLM`, each step's samples (the ids ours trained on, recorded from the
+              data source) built by transformers' `FuyuProcessor` from the decoded image resized to the same
+              bucket, answers appended as the seed's recipe does (" answer" + end token, labels on answers),
+              right-padded into one batch, `labels=` loss (mean over the step's supervised tokens, the same
+              normalisation as ours), torch AdamW with the same groups, a LambdaLR written out here from the
+              schedule's definition, the same clipping; bf16 autocast over fp32 weights on GPU (what HF's Trainer
+              does), fp32 on CPU.
+
+Reports per-step losses of both, their relative difference (|ours - ref| / ref), the median over the last 100
+steps (target on GPU in bf16: <= 1 %), a PNG of both curves and the difference, and `convergence.json`.
+`tests/parity/test_convergence.py` runs `--smoke` (fp32, must agree to ~1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
+from otterhd_ray.data.pipeline import MicroBatch  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, fp32, debug model, 20 steps")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300; smoke 20)")
+    p.add_argument("--samples", type=int, default=None, help="synthetic training rows (default 512; smoke 40)")
+    p.add_argument("--flavour", default=None, help="model flavour (default study; smoke debug)")
+    p.add_argument("--layers", type=int, default=None, help="override the flavour's depth")
+    p.add_argument("--max-tokens", type=int, default=None, help="packed tokens per step (default 2048; smoke 256)")
+    p.add_argument("--long-side", type=int, default=None, help="resize long side (default 448; smoke 120)")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-4; smoke 1e-3)")
+    p.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
+                   help="ours: DeepSpeed ZeRO-2 when importable (auto), else the plain torch engine")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--work", default=None, help="work dir (default: a temporary one)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "convergence_out", help="results dir")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    defaults = {"steps": (300, 20), "samples": (512, 40), "flavour": ("study", "debug"),
+                "max_tokens": (2048, 256), "long_side": (448, 120), "lr": (3e-4, 1e-3)}
+    for key, (gpu_value, smoke_value) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, smoke_value if smoke else gpu_value)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def prepare(work: Path, args: argparse.Namespace) -> Path:
+    """Synthetic shards, the tiny tokenizer, and the shared initial weights (an HF directory)."""
+    from otterhd_ray.data.synth import synthesize
+    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
+    from otterhd_ray.models.fuyu import save_hf
+    from otterhd_ray.models.fuyu.config import config_for_tokenizer, flavour_config
+    from otterhd_ray.models.fuyu.model import new_model
+
+    # easy level in smoke mode: small frames synthesise in milliseconds; the GPU run uses MagnifierBench-like ones
+    synthesize(work / "data", num_train=args.samples, num_bench=0, seed=0,
+               level="easy" if args.smoke else "standard")
+    tokenizer = build_tiny_tokenizer(work / "tokenizer")
+    model_cfg = config_for_tokenizer(flavour_config(args.flavour), tokenizer)
+    if args.layers:
+        model_cfg = model_cfg.replace(num_layers=args.layers)
+    torch.manual_seed(1234)
+    init = work / "init"
+    save_hf(new_model(model_cfg), init)
+    return init
+
+
+def make_config(work: Path, init: Path, args: argparse.Namespace, engine: str, epochs: int) -> FinetuneConfig:
+    gpu = torch.cuda.is_available() and not args.smoke
+    return load_finetune_config(None, [
+        f"data.datasets=[{{name: synth, path: {work / 'data' / 'train'}}}]",
+        f"data.tokenizer_path={work / 'tokenizer'}", f"data.index_cache_dir={work / 'index'}",
+        f"data.max_tokens={args.max_tokens}",
+        # one deterministic size per image (the reference resizes to the same one) and a full decode: the
+        # JPEG draft decode is a fast path of ours with no transformers counterpart
+        "data.buckets.mode=nearest", f"data.buckets.long_sides=[{args.long_side}]", "data.buckets.native=false",
+        "data.draft_decode=false",
+        f"model.path={init}", f"optim.lr={args.lr}", "optim.weight_decay=0.1", "optim.warmup_ratio=0.05",
+        "optim.scheduler=linear", "optim.grad_clip=1.0",
+        f"deepspeed.enabled={str(engine == 'deepspeed').lower()}", "deepspeed.stage=2",
+        f"train.precision={'bf16' if gpu else 'fp32'}", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
+        "train.gradient_accumulation_steps=1", "train.log_every_steps=1", "train.checkpoint_at_end=false",
+        f"train.output_dir={work / 'ours'}", f"ray.use_gpu={str(gpu).lower()}", "ray.num_workers=0",
+    ])
+
+
+def pick_engine(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "deepspeed"
+
+
+# -------------------------------------------------------------------------------------------------- ours
+class RecordingSource:
+    """Wraps the pipeline's data source and records the sample ids of every micro-batch in training order."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.micro_batches: list[list[str]] = []
+
+    def num_micro_batches(self, epoch: int) -> int:
+        return self.inner.num_micro_batches(epoch)
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[MicroBatch]:
+        for mb in self.inner.iter_epoch(epoch, start):
+            # "#r<k>" marks a repeat of a sample within a mix; the row is the same (a filler has no sample id)
+            self.micro_batches.append([s.split("#r")[0] for s in mb.sample_id])
+            yield mb
+
+
+def run_ours(cfg: FinetuneConfig) -> dict[str, Any]:
+    from otterhd_ray.train.loop import LocalContext, build_data_source, train_loop_per_worker
+
+    sources: list[RecordingSource] = []
+
+    def data_factory(c: FinetuneConfig, rank: int, world: int) -> RecordingSource:
+        sources.append(RecordingSource(build_data_source(c, rank, world)))
+        return sources[-1]
+
+    t0 = time.perf_counter()
+    train_loop_per_worker({"config": cfg.model_dump()}, LocalContext(Path(cfg.train.output_dir) / "ckpt"),
+                          data_source_factory=data_factory)
+    seconds = time.perf_counter() - t0
+    history = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    history = sorted({h["step"]: h for h in history}.values(), key=lambda h: h["step"])
+    steps = sources[-1].micro_batches[: len(history)]
+    return {"loss": [h["loss"] for h in history], "lr": [h["lr"] for h in history], "samples": steps,
+            "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------- reference
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """The linear schedule's definition (docs: warm-up `(s+1)/(w+1)` for `w = ceil(ratio * total)` steps, then
+    linear to 0 at `total`), written out here rather than imported: the reference must not share our code."""
+    warmup = min(total, math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 1.0 - min(1.0, (step - warmup) / max(1, total - warmup))
+
+
+class ReferenceData:
+    """Raw rows by id -> what a transformers user builds: `FuyuProcessor` output + the seed's answer layout."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        import pyarrow.parquet as pq
+        import transformers
+
+        from otterhd_ray.data.buckets import BucketPolicy
+        from otterhd_ray.data.tokenizer import load_tokenizer
+
+        self.rows: dict[str, dict[str, Any]] = {}
+        for path in sorted(Path(cfg.data.datasets[0].path).glob("*.parquet")):
+            for row in pq.read_table(path, columns=["id", "image", "conversations"]).to_pylist():
+                self.rows[row["id"]] = row
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+        self.processor = transformers.FuyuProcessor(
+            image_processor=transformers.FuyuImageProcessor(), tokenizer=load_tokenizer(cfg.data.tokenizer_path)
+        )
+        vocab = self.tokenizer.get_vocab()
+        self.end_id = vocab.get("|ENDOFTEXT|", self.tokenizer.eos_token_id)
+        self.template = cfg.data.instruction_template
+        self.policy = BucketPolicy(cfg.data.buckets)  # the *size* policy is ours by definition; pixels are HF's
+        self._cache: dict[str, tuple[list[int], list[int], torch.Tensor]] = {}
+
+    def sample(self, sample_id: str) -> tuple[list[int], list[int], torch.Tensor]:
+        if sample_id not in self._cache:
+            self._cache[sample_id] = self._build(self.rows[sample_id])
+        return self._cache[sample_id]
+
+    def _build(self, row: dict[str, Any]) -> tuple[list[int], list[int], torch.Tensor]:
+        from PIL import Image
+        from transformers.image_utils import load_image
+
+        image = load_image(Image.open(io.BytesIO(row["image"])))  # EXIF transpose + RGB, as HF users load
+        h, w = self.policy.size_for((image.height, image.width), 0.0)
+        image = image.resize((w, h), resample=Image.Resampling.BILINEAR)
+        turns = [(row["conversations"][i]["text"], row["conversations"][i + 1]["text"])
+                 for i in range(0, len(row["conversations"]), 2)]
+        first = self.template.replace("{instruction}", turns[0][0])
+        enc = self.processor(images=image, text=first, return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        labels = [-100] * len(ids)
+        for k, (question, answer) in enumerate(turns):
+            if k:
+                prompt = self.tokenizer(self.template.replace("{instruction}", question) + "<0x04>",
+                                        add_special_tokens=False)["input_ids"]
+                ids += prompt
+                labels += [-100] * len(prompt)
+            answer_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.end_id]
+            ids += answer_ids
+            labels += answer_ids
+        # one image: transformers squeezes the batch dim (and a one-patch image to [2700])
+        return ids, labels, torch.as_tensor(enc["image_patches"]).reshape(-1, 2700)
+
+    def batch(self, sample_ids: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Right-padded batch (positions 0.. per row, as transformers computes them without a cache)."""
+        built = [self.sample(s) for s in sample_ids]
+        width = max(len(ids) for ids, _, _ in built)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(built), width), pad, dtype=torch.long)
+        labels = torch.full((len(built), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(built), width), dtype=torch.long)
+        for r, (ids, lab, _) in enumerate(built):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(ids)] = 1
+        # The model scatters patches into the |SPEAKER| positions in row-major order: concatenating the rows'
+        # patch lists in batch order is that order.
+        patches = torch.cat([p for _, _, p in built])[None]
+        return {"input_ids": input_ids.to(device), "labels": labels.to(device),
+                "attention_mask": mask.to(device), "image_patches": patches.to(device)}
+
+
+def run_reference(cfg: FinetuneConfig, steps: list[list[str]], device: torch.device, bf16: bool) -> dict[str, Any]:
+    import transformers
+
+    data = ReferenceData(cfg)
+    model = transformers.FuyuForCausalLM.from_pretrained(
+        cfg.model.path, attn_implementation="sdpa", dtype=torch.float32
+    ).to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+    )
+    total = len(steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, o.warmup_ratio))
+    losses, lrs = [], []
+    t0 = time.perf_counter()
+    for sample_ids in steps:
+        batch = data.batch(sample_ids, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))  # a host sync per step: fine for a reference
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+    return {"loss": losses, "lr": lrs, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def compare(ours: list[float], ref: list[float], tail: int = 100) -> dict[str, Any]:
+    rel = [abs(a - b) / abs(b) for a, b in zip(ours, ref, strict=True)]
+    last = rel[-tail:]
+    return {
+        "steps": len(rel),
+        "rel_diff": rel,
+        "max_rel_diff": max(rel),
+        "median_rel_diff_last": statistics.median(last),
+        "max_rel_diff_last": max(last),
+        "tail": len(last),
+        "mean_loss_first10": (statistics.fmean(ours[:10]), statistics.fmean(ref[:10])),
+        "mean_loss_last10": (statistics.fmean(ours[-10:]), statistics.fmean(ref[-10:])),
+    }
+
+
+def plot(ours: list[float], ref: list[float], rel: list[float], title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    steps = range(1, len(ours) + 1)
+    top.plot(steps, ref, label="transformers FuyuForCausalLM (padded, AdamW)", lw=1.2)
+    top.plot(steps, ours, label="ours (packed, fused, engine of the run)", lw=1.2, ls="--")
+    top.set_ylabel("training loss")
+    top.set_title(title)
+    top.legend()
+    bottom.semilogy(steps, [max(r, 1e-9) for r in rel], lw=1)
+    bottom.set_ylabel("|ours - ref| / ref")
+    bottom.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if gpu else "cpu")
+    engine = pick_engine(args.engine)
+    work = Path(args.work or tempfile.mkdtemp(prefix="convergence-"))
+    init = prepare(work, args)
+    from otterhd_ray.train.loop import build_data_source
+
+    probe = make_config(work, init, args, engine, epochs=1)
+    per_epoch = build_data_source(probe, 0, 1).num_micro_batches(0)
+    cfg = make_config(work, init, args, engine, epochs=math.ceil(args.steps / per_epoch))
+    ours = run_ours(cfg)
+    ref = run_reference(cfg, ours["samples"], device, bf16=gpu)
+    stats = compare(ours["loss"], ref["loss"])
+    lr_gap = max(abs(a - b) for a, b in zip(ours["lr"], ref["lr"], strict=True))
+    precision = "bf16" if gpu else "fp32"
+    result = {
+        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
+        "precision": precision, "engine": f"{engine} (ZeRO-2)" if engine == "deepspeed" else engine,
+        "flavour": args.flavour, "layers": args.layers, "steps": len(ours["loss"]),
+        "samples_per_step": statistics.fmean(len(s) for s in ours["samples"]), "lr_max_abs_diff": lr_gap,
+        "ours_s": ours["seconds"], "reference_s": ref["seconds"],
+        **{k: v for k, v in stats.items() if k != "rel_diff"},
+        "loss_ours": ours["loss"], "loss_reference": ref["loss"], "rel_diff": stats["rel_diff"],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "convergence.json").write_text(json.dumps(result, indent=1))
+    title = f"{args.flavour} Fuyu, {precision}, {result['engine']}, {result['steps']} steps on {result['device']}"
+    result["png"] = str(out / "convergence.png") if plot(ours["loss"], ref["loss"], stats["rel_diff"], title,
+                                                         out / "convergence.png") else None
+    print_table(result)
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\nloss parity: ours vs transformers ({r['precision']}, {r['engine']}, {r['device']})")
+    print("| steps | samples/step | loss first 10 (ours / ref) | loss last 10 (ours / ref) | max rel diff | "
+          f"median rel diff, last {r['tail']} | max rel diff, last {r['tail']} | lr max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    f10, l10 = r["mean_loss_first10"], r["mean_loss_last10"]
+    print(f"| {r['steps']} | {r['samples_per_step']:.1f} | {f10[0]:.4f} / {f10[1]:.4f} | {l10[0]:.4f} / {l10[1]:.4f} "
+          f"| {r['max_rel_diff']:.2e} | {r['median_rel_diff_last']:.2e} | {r['max_rel_diff_last']:.2e} "
+          f"| {r['lr_max_abs_diff']:.1e} |")
+    print(f"time: ours {r['ours_s']:.0f} s, reference {r['reference_s']:.0f} s; results in convergence.json")
+
+
+if __name__ == "__main__":
+    run()
