@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import reset_distributed
+
 pytest.importorskip("transformers")
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "convergence.py"
@@ -25,8 +27,16 @@ def _load_benchmark():
     return module
 
 
+@pytest.fixture
+def clean_distributed():
+    # Our loop runs DeepSpeed in this process: an earlier module's torn-down group must not be reused.
+    reset_distributed()
+    yield
+    reset_distributed()
+
+
 @pytest.mark.timeout(300)
-def test_cpu_loss_curve_equals_transformers(tmp_path):
+def test_cpu_loss_curve_equals_transformers(tmp_path, clean_distributed):
     convergence = _load_benchmark()
     engine = "deepspeed" if importlib.util.find_spec("deepspeed") else "torch"
     result = convergence.run(["--smoke", "--engine", engine, "--threads", "2",

@@ -88,7 +88,7 @@ def test_otterhd_8b_config_expresses_the_seed_command():
 
 def test_demo_config_is_cpu_zero2_with_two_workers():
     cfg = load_finetune_config(ROOT / "configs/finetune/demo.yaml")
-    assert cfg.model.flavour == "debug" and not cfg.ray.use_gpu and cfg.ray.num_workers == 2
+    assert cfg.model.flavour == "demo" and not cfg.ray.use_gpu and cfg.ray.num_workers == 2
     assert cfg.deepspeed.enabled and cfg.deepspeed.stage == 2 and cfg.deepspeed.torch_adam
     assert resolve_precision(cfg.train.precision, cfg.ray.use_gpu) == "fp32"
     assert cfg.train.demo_data and cfg.train.save_hf_model
