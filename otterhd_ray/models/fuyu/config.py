@@ -137,32 +137,26 @@ class FuyuModelConfig:
         )
 
 
+# Tiny model for CPU tests and the demo. Vocabulary and ids fit the tiny offline tokenizer
+# (otterhd_ray.data.tokenizer: 543 entries, |SPEAKER| = 259); with another tokenizer call
+# `config_for_tokenizer` so the special ids match it.
+_DEBUG = FuyuModelConfig(
+    vocab_size=576,
+    hidden_size=64,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    max_position_embeddings=8192,
+    image_token_id=259,
+)
+
 FLAVOURS: dict[str, FuyuModelConfig] = {
     # HF adept/fuyu-8b: Persimmon-8B decoder, ~9.4 B parameters.
     "fuyu-8b": FuyuModelConfig(),
-    # Tiny model for CPU tests and the demo. Vocabulary and ids fit the tiny offline tokenizer
-    # (otterhd_ray.data.tokenizer: 543 entries, |SPEAKER| = 259); with another tokenizer call
-    # `config_for_tokenizer` so the special ids match it.
-    "debug": FuyuModelConfig(
-        vocab_size=576,
-        hidden_size=64,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        max_position_embeddings=8192,
-        image_token_id=259,
-    ),
+    "debug": _DEBUG,
     # The demo's model: `debug` at twice the width, which learns the easy synthetic level in about a minute on
     # a CPU (benchmarks/demo_learning.py).
-    "demo": FuyuModelConfig(
-        vocab_size=576,
-        hidden_size=128,
-        intermediate_size=512,
-        num_layers=2,
-        num_heads=4,
-        max_position_embeddings=8192,
-        image_token_id=259,
-    ),
+    "demo": _DEBUG.replace(hidden_size=128, intermediate_size=512),
     # Small from-scratch model for the resolution study and the GPU loss-parity run (~88 M parameters with
     # the tiny tokenizer's vocabulary): the 8B's layout (qk-LayerNorm, partial rotary, relu²) at 1/5 width.
     "study": FuyuModelConfig(
