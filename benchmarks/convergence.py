@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-4; smoke 1e-3)")
     p.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto",
                    help="ours: DeepSpeed ZeRO-2 when importable (auto), else the plain torch engine")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="both sides: auto = bf16 on GPU, fp32 on CPU (and in --smoke)")
+    p.add_argument("--reference-weights", choices=("autocast", "bf16"), default="autocast",
+                   help="reference in bf16: fp32 weights + autocast (HF Trainer bf16=True), or bf16 weights with "
+                   "fp32 masters in the optimizer (the scheme of ours and of HF Trainer under DeepSpeed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--work", default=None, help="work dir (default: a temporary one)")
     p.add_argument("--out", default=os.environ.get("OUT") or "convergence_out", help="results dir")
@@ -93,8 +98,16 @@ def prepare(work: Path, args: argparse.Namespace) -> Path:
     return init
 
 
+def use_gpu(args: argparse.Namespace) -> bool:
+    return torch.cuda.is_available() and not args.smoke
+
+
+def resolve_precision(args: argparse.Namespace) -> str:
+    return ("bf16" if use_gpu(args) else "fp32") if args.precision == "auto" else args.precision
+
+
 def make_config(work: Path, init: Path, args: argparse.Namespace, engine: str, epochs: int) -> FinetuneConfig:
-    gpu = torch.cuda.is_available() and not args.smoke
+    gpu = use_gpu(args)
     return load_finetune_config(None, [
         f"data.datasets=[{{name: synth, path: {work / 'data' / 'train'}}}]",
         f"data.tokenizer_path={work / 'tokenizer'}", f"data.index_cache_dir={work / 'index'}",
@@ -106,7 +119,7 @@ def make_config(work: Path, init: Path, args: argparse.Namespace, engine: str, e
         f"model.path={init}", f"optim.lr={args.lr}", "optim.weight_decay=0.1", "optim.warmup_ratio=0.05",
         "optim.scheduler=linear", "optim.grad_clip=1.0",
         f"deepspeed.enabled={str(engine == 'deepspeed').lower()}", "deepspeed.stage=2",
-        f"train.precision={'bf16' if gpu else 'fp32'}", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
+        f"train.precision={resolve_precision(args)}", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
         "train.gradient_accumulation_steps=1", "train.log_every_steps=1", "train.checkpoint_at_end=false",
         f"train.output_dir={work / 'ours'}", f"ray.use_gpu={str(gpu).lower()}", "ray.num_workers=0",
     ])
@@ -224,8 +237,9 @@ class ReferenceData:
         # one image: transformers squeezes the batch dim (and a one-patch image to [2700])
         return ids, labels, torch.as_tensor(enc["image_patches"]).reshape(-1, 2700)
 
-    def batch(self, sample_ids: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Right-padded batch (positions 0.. per row, as transformers computes them without a cache)."""
+    def batch(self, sample_ids: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Right-padded batch (positions 0.. per row, as transformers computes them without a cache); the patches
+        in the weights' `dtype`, as `BatchFeature.to(device, dtype)` gives a transformers user."""
         built = [self.sample(s) for s in sample_ids]
         width = max(len(ids) for ids, _, _ in built)
         pad = self.tokenizer.pad_token_id or 0
@@ -240,19 +254,46 @@ class ReferenceData:
         # patch lists in batch order is that order.
         patches = torch.cat([p for _, _, p in built])[None]
         return {"input_ids": input_ids.to(device), "labels": labels.to(device),
-                "attention_mask": mask.to(device), "image_patches": patches.to(device)}
+                "attention_mask": mask.to(device), "image_patches": patches.to(device, dtype)}
 
 
-def run_reference(cfg: FinetuneConfig, steps: list[list[str]], device: torch.device, bf16: bool) -> dict[str, Any]:
+class MasterWeights:
+    """fp32 master copies of a bf16 module's parameters, which the optimizer updates: DeepSpeed's bf16 mode
+    (what our loop runs, and what HF's Trainer runs under DeepSpeed), written out here with plain torch."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.pairs = [(p, p.detach().float().clone().requires_grad_(True)) for p in model.parameters()]
+        self.master = {id(p): m for p, m in self.pairs}
+
+    def grads_to_master(self) -> None:
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for p, m in self.pairs:
+            p.copy_(m)  # round to nearest even, as DeepSpeed's copy back
+
+
+def run_reference(
+    cfg: FinetuneConfig, steps: list[list[str]], device: torch.device, precision: str, weights: str
+) -> dict[str, Any]:
+    """The plain transformers loop. `precision` fp32: everything fp32. bf16 with `weights` "autocast": fp32
+    weights, the forward under `torch.autocast(bf16)` (HF Trainer's `bf16=True`); "bf16": bf16 weights, no
+    autocast, AdamW on fp32 master copies (`MasterWeights`; HF Trainer under DeepSpeed bf16, and our loop)."""
     import transformers
 
     data = ReferenceData(cfg)
+    master = precision == "bf16" and weights == "bf16"
     model = transformers.FuyuForCausalLM.from_pretrained(
-        cfg.model.path, attn_implementation="sdpa", dtype=torch.float32
+        cfg.model.path, attn_implementation="sdpa", dtype=torch.bfloat16 if master else torch.float32
     ).to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    masters = MasterWeights(model) if master else None
+    named = [(n, masters.master[id(p)] if masters else p) for n, p in model.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed_tokens" not in n)]
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -261,16 +302,21 @@ def run_reference(cfg: FinetuneConfig, steps: list[list[str]], device: torch.dev
     total = len(steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, o.warmup_ratio))
     losses, lrs = [], []
+    autocast = precision == "bf16" and not master
     t0 = time.perf_counter()
     for sample_ids in steps:
-        batch = data.batch(sample_ids, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        batch = data.batch(sample_ids, device, model.dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        if masters:
+            masters.grads_to_master()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], o.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if masters:
+            masters.master_to_model()
         losses.append(float(loss.detach()))  # a host sync per step: fine for a reference
         lrs.append(float(optimizer.param_groups[0]["lr"]))
     return {"loss": losses, "lr": lrs, "seconds": time.perf_counter() - t0}
@@ -321,7 +367,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpu = torch.cuda.is_available() and not args.smoke
+    gpu = use_gpu(args)
+    precision = resolve_precision(args)
     device = torch.device("cuda" if gpu else "cpu")
     engine = pick_engine(args.engine)
     work = Path(args.work or tempfile.mkdtemp(prefix="convergence-"))
@@ -332,10 +379,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     per_epoch = build_data_source(probe, 0, 1).num_micro_batches(0)
     cfg = make_config(work, init, args, engine, epochs=math.ceil(args.steps / per_epoch))
     ours = run_ours(cfg)
-    ref = run_reference(cfg, ours["samples"], device, bf16=gpu)
+    ref = run_reference(cfg, ours["samples"], device, precision, args.reference_weights)
     stats = compare(ours["loss"], ref["loss"])
     lr_gap = max(abs(a - b) for a, b in zip(ours["lr"], ref["lr"], strict=True))
-    precision = "bf16" if gpu else "fp32"
     result = {
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "precision": precision, "engine": f"{engine} (ZeRO-2)" if engine == "deepspeed" else engine,
