@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-weights", choices=("autocast", "bf16"), default="autocast",
                    help="reference in bf16: fp32 weights + autocast (HF Trainer bf16=True), or bf16 weights with "
                    "fp32 masters in the optimizer (the scheme of ours and of HF Trainer under DeepSpeed)")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="bf16 only: also train ours and the reference in fp32 and the reference in the other bf16 "
+                   "scheme on the same samples, and report every pair (what parity in bf16 can be expected to reach)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--work", default=None, help="work dir (default: a temporary one)")
     p.add_argument("--out", default=os.environ.get("OUT") or "convergence_out", help="results dir")
@@ -106,7 +109,9 @@ def resolve_precision(args: argparse.Namespace) -> str:
     return ("bf16" if use_gpu(args) else "fp32") if args.precision == "auto" else args.precision
 
 
-def make_config(work: Path, init: Path, args: argparse.Namespace, engine: str, epochs: int) -> FinetuneConfig:
+def make_config(
+    work: Path, init: Path, args: argparse.Namespace, engine: str, epochs: int, precision: str, name: str = "ours"
+) -> FinetuneConfig:
     gpu = use_gpu(args)
     return load_finetune_config(None, [
         f"data.datasets=[{{name: synth, path: {work / 'data' / 'train'}}}]",
@@ -119,9 +124,9 @@ def make_config(work: Path, init: Path, args: argparse.Namespace, engine: str, e
         f"model.path={init}", f"optim.lr={args.lr}", "optim.weight_decay=0.1", "optim.warmup_ratio=0.05",
         "optim.scheduler=linear", "optim.grad_clip=1.0",
         f"deepspeed.enabled={str(engine == 'deepspeed').lower()}", "deepspeed.stage=2",
-        f"train.precision={resolve_precision(args)}", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
+        f"train.precision={precision}", f"train.epochs={epochs}", f"train.max_steps={args.steps}",
         "train.gradient_accumulation_steps=1", "train.log_every_steps=1", "train.checkpoint_at_end=false",
-        f"train.output_dir={work / 'ours'}", f"ray.use_gpu={str(gpu).lower()}", "ray.num_workers=0",
+        f"train.output_dir={work / name}", f"ray.use_gpu={str(gpu).lower()}", "ray.num_workers=0",
     ])
 
 
@@ -323,8 +328,13 @@ def run_reference(
 
 
 # --------------------------------------------------------------------------------------------- reporting
+def rel_diff(a: list[float], b: list[float]) -> list[float]:
+    """|a - b| / |b| per step (b the reference of the pair)."""
+    return [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
+
+
 def compare(ours: list[float], ref: list[float], tail: int = 100) -> dict[str, Any]:
-    rel = [abs(a - b) / abs(b) for a, b in zip(ours, ref, strict=True)]
+    rel = rel_diff(ours, ref)
     last = rel[-tail:]
     return {
         "steps": len(rel),
@@ -338,25 +348,59 @@ def compare(ours: list[float], ref: list[float], tail: int = 100) -> dict[str, A
     }
 
 
-def plot(ours: list[float], ref: list[float], rel: list[float], title: str, path: Path) -> bool:
+def pair_stats(a: list[float], b: list[float], tail: int = 100) -> dict[str, float]:
+    rel = rel_diff(a, b)
+    return {"median_rel_diff_last": statistics.median(rel[-tail:]), "max_rel_diff": max(rel),
+            "median_rel_diff_first10": statistics.median(rel[:10])}
+
+
+def noise_floor(
+    cfg_fp32: FinetuneConfig, ours: dict[str, Any], ref: dict[str, Any], device: torch.device, weights: str
+) -> dict[str, Any]:
+    """The other corners of the square on the same samples: ours fp32, the reference fp32 and in the other bf16
+    scheme. Each side's bf16-vs-fp32 gap is the rounding noise that side carries by itself; parity between the
+    sides in bf16 cannot be expected to be much tighter than the larger of the two."""
+    ours32 = run_ours(cfg_fp32)
+    if ours32["samples"] != ours["samples"]:
+        raise RuntimeError("the fp32 run of ours saw other samples than the bf16 run: the data order is not fixed")
+    ref32 = run_reference(cfg_fp32, ours["samples"], device, "fp32", weights)
+    other = "bf16" if weights == "autocast" else "autocast"
+    ref_other = run_reference(cfg_fp32, ours["samples"], device, "bf16", other)
+    label = {"autocast": "ref bf16-autocast", "bf16": "ref bf16-master"}
+    this, that = label[weights], label[other]
+    curves = {"ours bf16": ours["loss"], this: ref["loss"], that: ref_other["loss"],
+              "ours fp32": ours32["loss"], "ref fp32": ref32["loss"]}
+    pairs = [("ours bf16", "ours fp32"), (this, "ref fp32"), (that, "ref fp32"), ("ours fp32", "ref fp32"),
+             ("ours bf16", this), ("ours bf16", that), (that, this)]
+    return {"curves": curves, "pairs": {f"{a} vs {b}": pair_stats(curves[a], curves[b]) for a, b in pairs},
+            "seconds": ours32["seconds"] + ref32["seconds"] + ref_other["seconds"]}
+
+
+def plot(
+    ours: list[float], ref: list[float], rel: list[float], title: str, path: Path,
+    floors: dict[str, list[float]] | None = None,
+) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        print("matplotlib is not installed: no PNG (pip install matplotlib); convergence.json has the curves")
         return False
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1.4])
     steps = range(1, len(ours) + 1)
     top.plot(steps, ref, label="transformers FuyuForCausalLM (padded, AdamW)", lw=1.2)
     top.plot(steps, ours, label="ours (packed, fused, engine of the run)", lw=1.2, ls="--")
     top.set_ylabel("training loss")
     top.set_title(title)
     top.legend()
-    bottom.semilogy(steps, [max(r, 1e-9) for r in rel], lw=1)
-    bottom.set_ylabel("|ours - ref| / ref")
+    bottom.semilogy(steps, [max(r, 1e-9) for r in rel], lw=1, label="|ours - ref| / ref")
+    for name, curve in (floors or {}).items():  # the sides' own bf16-vs-fp32 gaps, for scale
+        bottom.semilogy(steps, [max(r, 1e-9) for r in curve], lw=0.8, alpha=0.7, label=name)
+    bottom.set_ylabel("relative difference")
     bottom.set_xlabel("optimizer step")
+    bottom.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -369,36 +413,64 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     gpu = use_gpu(args)
     precision = resolve_precision(args)
+    if args.noise_floor and precision != "bf16":
+        raise ValueError("--noise-floor compares bf16 with fp32: use it with bf16 (--precision bf16, or auto on GPU)")
     device = torch.device("cuda" if gpu else "cpu")
     engine = pick_engine(args.engine)
     work = Path(args.work or tempfile.mkdtemp(prefix="convergence-"))
     init = prepare(work, args)
     from otterhd_ray.train.loop import build_data_source
 
-    probe = make_config(work, init, args, engine, epochs=1)
-    per_epoch = build_data_source(probe, 0, 1).num_micro_batches(0)
-    cfg = make_config(work, init, args, engine, epochs=math.ceil(args.steps / per_epoch))
+    probe = make_config(work, init, args, engine, 1, precision)
+    epochs = math.ceil(args.steps / build_data_source(probe, 0, 1).num_micro_batches(0))
+    cfg = make_config(work, init, args, engine, epochs, precision)
     ours = run_ours(cfg)
     ref = run_reference(cfg, ours["samples"], device, precision, args.reference_weights)
+    floor = None
+    if args.noise_floor:
+        cfg32 = make_config(work, init, args, engine, epochs, "fp32", name="ours-fp32")
+        floor = noise_floor(cfg32, ours, ref, device, args.reference_weights)
+    result = summarise(args, gpu, precision, engine, ours, ref, floor)
+    write_results(result, args, floor)
+    print_table(result)
+    return result
+
+
+def summarise(
+    args: argparse.Namespace, gpu: bool, precision: str, engine: str, ours: dict[str, Any], ref: dict[str, Any],
+    floor: dict[str, Any] | None,
+) -> dict[str, Any]:
     stats = compare(ours["loss"], ref["loss"])
     lr_gap = max(abs(a - b) for a, b in zip(ours["lr"], ref["lr"], strict=True))
-    result = {
+    return {
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "precision": precision, "engine": f"{engine} (ZeRO-2)" if engine == "deepspeed" else engine,
-        "flavour": args.flavour, "layers": args.layers, "steps": len(ours["loss"]),
+        "reference_weights": args.reference_weights if precision == "bf16" else "fp32",
+        "flavour": args.flavour, "layers": args.layers, "max_tokens": args.max_tokens, "long_side": args.long_side,
+        "steps": len(ours["loss"]),
         "samples_per_step": statistics.fmean(len(s) for s in ours["samples"]), "lr_max_abs_diff": lr_gap,
         "ours_s": ours["seconds"], "reference_s": ref["seconds"],
         **{k: v for k, v in stats.items() if k != "rel_diff"},
+        "noise_floor": None if floor is None else floor["pairs"],
+        "noise_floor_s": None if floor is None else floor["seconds"],
         "loss_ours": ours["loss"], "loss_reference": ref["loss"], "rel_diff": stats["rel_diff"],
+        "curves": None if floor is None else floor["curves"],
     }
+
+
+def write_results(result: dict[str, Any], args: argparse.Namespace, floor: dict[str, Any] | None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence.json").write_text(json.dumps(result, indent=1))
-    title = f"{args.flavour} Fuyu, {precision}, {result['engine']}, {result['steps']} steps on {result['device']}"
-    result["png"] = str(out / "convergence.png") if plot(ours["loss"], ref["loss"], stats["rel_diff"], title,
-                                                         out / "convergence.png") else None
-    print_table(result)
-    return result
+    title = (f"{args.flavour} Fuyu, {result['precision']} (ref: {result['reference_weights']}), {result['engine']}, "
+             f"{result['steps']} steps on {result['device']}")
+    floors = None
+    if floor is not None:
+        c = floor["curves"]
+        floors = {"ours bf16 vs ours fp32": rel_diff(c["ours bf16"], c["ours fp32"]),
+                  "ref bf16 vs ref fp32": rel_diff(result["loss_reference"], c["ref fp32"])}
+    ok = plot(result["loss_ours"], result["loss_reference"], result["rel_diff"], title, out / "convergence.png", floors)
+    result["png"] = str(out / "convergence.png") if ok else None
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -411,6 +483,15 @@ def print_table(r: dict[str, Any]) -> None:
           f"| {r['max_rel_diff']:.2e} | {r['median_rel_diff_last']:.2e} | {r['max_rel_diff_last']:.2e} "
           f"| {r['lr_max_abs_diff']:.1e} |")
     print(f"time: ours {r['ours_s']:.0f} s, reference {r['reference_s']:.0f} s; results in convergence.json")
+    if r["noise_floor"]:
+        print(f"\nnoise floor: every pair on the same samples (relative loss difference; median over the last "
+              f"{r['tail']} steps)")
+        print("| pair | median rel diff, last | max rel diff | median rel diff, first 10 |")
+        print("|---|---|---|---|")
+        for name, p in r["noise_floor"].items():
+            print(f"| {name} | {p['median_rel_diff_last']:.2e} | {p['max_rel_diff']:.2e} "
+                  f"| {p['median_rel_diff_first10']:.2e} |")
+        print(f"noise-floor runs: {r['noise_floor_s']:.0f} s")
 
 
 if __name__ == "__main__":
