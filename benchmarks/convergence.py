@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--noise-floor", action="store_true",
                    help="bf16 only: also train ours and the reference in fp32 and the reference in the other bf16 "
                    "scheme on the same samples, and report every pair (what parity in bf16 can be expected to reach)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="skip --noise-floor when the time spent plus its expected time (from the main runs) "
+                   "would pass this many seconds (0: no limit)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--work", default=None, help="work dir (default: a temporary one)")
     p.add_argument("--out", default=os.environ.get("OUT") or "convergence_out", help="results dir")
@@ -80,8 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def prepare(work: Path, args: argparse.Namespace) -> Path:
-    """Synthetic shards, the tiny tokenizer, and the shared initial weights (an HF directory)."""
+def prepare(work: Path, args: argparse.Namespace, precision: str) -> Path:
+    """Synthetic shards, the tiny tokenizer, and the shared initial weights (an HF directory).
+
+    In bf16 the weights are rounded to bf16 values (saved as float32): ours loads them into a bf16 module, and
+    from unrounded float32 weights it would start elsewhere than an autocast reference, which keeps them. A real
+    fine-tune starts from a bf16 checkpoint anyway (Fuyu-8B ships in bf16)."""
     from otterhd_ray.data.synth import synthesize
     from otterhd_ray.data.tokenizer import build_tiny_tokenizer
     from otterhd_ray.models.fuyu import save_hf
@@ -97,7 +104,12 @@ def prepare(work: Path, args: argparse.Namespace) -> Path:
         model_cfg = model_cfg.replace(num_layers=args.layers)
     torch.manual_seed(1234)
     init = work / "init"
-    save_hf(new_model(model_cfg), init)
+    model = new_model(model_cfg)
+    if precision == "bf16":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16))
+    save_hf(model, init)
     return init
 
 
@@ -282,14 +294,14 @@ class MasterWeights:
 
 
 def run_reference(
-    cfg: FinetuneConfig, steps: list[list[str]], device: torch.device, precision: str, weights: str
+    cfg: FinetuneConfig, data: ReferenceData, steps: list[list[str]], device: torch.device, precision: str,
+    weights: str,
 ) -> dict[str, Any]:
     """The plain transformers loop. `precision` fp32: everything fp32. bf16 with `weights` "autocast": fp32
     weights, the forward under `torch.autocast(bf16)` (HF Trainer's `bf16=True`); "bf16": bf16 weights, no
     autocast, AdamW on fp32 master copies (`MasterWeights`; HF Trainer under DeepSpeed bf16, and our loop)."""
     import transformers
 
-    data = ReferenceData(cfg)
     master = precision == "bf16" and weights == "bf16"
     model = transformers.FuyuForCausalLM.from_pretrained(
         cfg.model.path, attn_implementation="sdpa", dtype=torch.bfloat16 if master else torch.float32
@@ -355,7 +367,8 @@ def pair_stats(a: list[float], b: list[float], tail: int = 100) -> dict[str, flo
 
 
 def noise_floor(
-    cfg_fp32: FinetuneConfig, ours: dict[str, Any], ref: dict[str, Any], device: torch.device, weights: str
+    cfg_fp32: FinetuneConfig, data: ReferenceData, ours: dict[str, Any], ref: dict[str, Any], device: torch.device,
+    weights: str,
 ) -> dict[str, Any]:
     """The other corners of the square on the same samples: ours fp32, the reference fp32 and in the other bf16
     scheme. Each side's bf16-vs-fp32 gap is the rounding noise that side carries by itself; parity between the
@@ -363,9 +376,9 @@ def noise_floor(
     ours32 = run_ours(cfg_fp32)
     if ours32["samples"] != ours["samples"]:
         raise RuntimeError("the fp32 run of ours saw other samples than the bf16 run: the data order is not fixed")
-    ref32 = run_reference(cfg_fp32, ours["samples"], device, "fp32", weights)
+    ref32 = run_reference(cfg_fp32, data, ours["samples"], device, "fp32", weights)
     other = "bf16" if weights == "autocast" else "autocast"
-    ref_other = run_reference(cfg_fp32, ours["samples"], device, "bf16", other)
+    ref_other = run_reference(cfg_fp32, data, ours["samples"], device, "bf16", other)
     label = {"autocast": "ref bf16-autocast", "bf16": "ref bf16-master"}
     this, that = label[weights], label[other]
     curves = {"ours bf16": ours["loss"], this: ref["loss"], that: ref_other["loss"],
@@ -418,20 +431,39 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if gpu else "cpu")
     engine = pick_engine(args.engine)
     work = Path(args.work or tempfile.mkdtemp(prefix="convergence-"))
-    init = prepare(work, args)
+    init = prepare(work, args, precision)
     from otterhd_ray.train.loop import build_data_source
 
     probe = make_config(work, init, args, engine, 1, precision)
-    epochs = math.ceil(args.steps / build_data_source(probe, 0, 1).num_micro_batches(0))
+    # one epoch more than epoch 0's count asks for: the packed micro-batch count varies a little per epoch (a
+    # run at exactly ceil() epochs stopped at 299 of 300); train.max_steps stops it at --steps
+    epochs = math.ceil(args.steps / build_data_source(probe, 0, 1).num_micro_batches(0)) + 1
     cfg = make_config(work, init, args, engine, epochs, precision)
+    t0 = time.perf_counter()
     ours = run_ours(cfg)
-    ref = run_reference(cfg, ours["samples"], device, precision, args.reference_weights)
-    floor = None
+    if len(ours["loss"]) != args.steps:
+        raise RuntimeError(f"ours logged {len(ours['loss'])} steps, not {args.steps}")
+    print(f"[{time.perf_counter() - t0:.0f} s] ours done ({ours['seconds']:.0f} s)", flush=True)
+    data = ReferenceData(cfg)  # built once: the noise-floor runs reuse its processed samples
+    ref = run_reference(cfg, data, ours["samples"], device, precision, args.reference_weights)
+    print(f"[{time.perf_counter() - t0:.0f} s] reference done ({ref['seconds']:.0f} s)", flush=True)
+    result = summarise(args, gpu, precision, engine, ours, ref, None)
+    write_results(result, args, None)  # kept if a time limit kills the noise-floor runs
     if args.noise_floor:
-        cfg32 = make_config(work, init, args, engine, epochs, "fp32", name="ours-fp32")
-        floor = noise_floor(cfg32, ours, ref, device, args.reference_weights)
-    result = summarise(args, gpu, precision, engine, ours, ref, floor)
-    write_results(result, args, floor)
+        elapsed = time.perf_counter() - t0
+        # the three extra runs cost about one of ours and two references; ours' share includes its warm-up
+        # (compilation), which its fp32 run pays again for the new dtype
+        expected = ours["seconds"] + 2 * ref["seconds"]
+        if args.budget_s and elapsed + expected > args.budget_s:
+            print(f"noise floor skipped: {elapsed:.0f} s spent + ~{expected:.0f} s expected > --budget-s "
+                  f"{args.budget_s:.0f}", flush=True)
+            result["noise_floor_skipped"] = f"~{expected:.0f} s expected after {elapsed:.0f} s"
+        else:
+            cfg32 = make_config(work, init, args, engine, epochs, "fp32", name="ours-fp32")
+            floor = noise_floor(cfg32, data, ours, ref, device, args.reference_weights)
+            result = summarise(args, gpu, precision, engine, ours, ref, floor)
+            write_results(result, args, floor)
+    result["total_s"] = time.perf_counter() - t0
     print_table(result)
     return result
 
@@ -446,6 +478,7 @@ def summarise(
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "precision": precision, "engine": f"{engine} (ZeRO-2)" if engine == "deepspeed" else engine,
         "reference_weights": args.reference_weights if precision == "bf16" else "fp32",
+        "init": "bf16-representable" if precision == "bf16" else "float32",
         "flavour": args.flavour, "layers": args.layers, "max_tokens": args.max_tokens, "long_side": args.long_side,
         "steps": len(ours["loss"]),
         "samples_per_step": statistics.fmean(len(s) for s in ours["samples"]), "lr_max_abs_diff": lr_gap,
