@@ -1,9 +1,9 @@
 """Loss-curve parity: our training loop vs a plain transformers `FuyuForCausalLM` loop (issue 13, item 1).
 
-    python benchmarks/convergence.py --noise-floor --budget-s 480 --out $OUT   # GPU: bf16, study, 300 steps
+    python3 benchmarks/convergence.py --noise-floor --budget-s 400 --out $OUT   # GPU: bf16, study, 300 steps
     python benchmarks/convergence.py --smoke --out /tmp/conv                    # CPU: fp32, debug model, 20 steps
     python benchmarks/convergence.py --precision bf16 --noise-floor --flavour demo --layers 4 --max-tokens 512 \
-        --long-side 240 --samples 450 --steps 300 --threads 2 --out /tmp/conv   # CPU bf16 pre-check (~6 min)
+        --long-side 240 --samples 450 --steps 300 --threads 2 --out /tmp/conv   # CPU bf16 pre-check (~3 min)
 
 Both runs start from the same weights (one random init saved as an HF directory, loaded by both), see the same
 samples in the same order, and use the same optimizer and schedule:
@@ -48,8 +48,8 @@ GPU time (one H200, study flavour, 300 steps of ~1,960 tokens, ~8.4 samples/step
 sandbox (one core): synthesis of 512 samples + init 10 s, our pipeline's in-process decode ~90 ms/step (27 s per
 300 steps, per run of ours), FuyuProcessor on 512 samples 25 s (once). GPU work is small (~1.1 TFLOP per step);
 torch.compile of the fused glue (per dtype) and DeepSpeed set-up dominate a run of ours. Estimate: main pair
-~3-4 min, --noise-floor ~2-3 min more; `--budget-s 480` keeps a 600 s call safe, and `convergence.json` is
-written after the main pair, so a killed noise-floor phase loses nothing else.
+~3-4 min, --noise-floor ~2-3 min more; `--budget-s 400` under `timeout 520` keeps a 600 s call safe, and
+`convergence.json` is written after the main pair, so a killed noise-floor phase loses nothing else.
 
 Reports per-step losses of both, their relative difference (|ours - ref| / ref), the median over the last 100
 steps, a PNG of both curves and the difference (matplotlib; without it only the JSON), and `convergence.json`.
