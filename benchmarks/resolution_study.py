@@ -1,7 +1,21 @@
 """Resolution study: does a higher input resolution let a Fuyu model see small objects? (issue 13, item 3)
 
-    python benchmarks/resolution_study.py --out docs/resolution_study     # one GPU, ~15-25 min
-    python benchmarks/resolution_study.py --smoke --out /tmp/rs            # CPU, minutes, numbers meaningless
+    python benchmarks/resolution_study.py --out DIR                        # one GPU, one command, ~20 min
+    python benchmarks/resolution_study.py --out DIR --call-minutes 9       # the same in calls of <= 9 min:
+                                                                           # rerun the same command until it
+                                                                           # prints the table (3 calls)
+    python benchmarks/resolution_study.py --smoke --out /tmp/rs            # CPU, seconds, numbers meaningless
+    python benchmarks/resolution_study.py --data-cost 20 --out DIR         # CPU cost of the scene stream only
+
+Resumable: everything lives in `--state` (default DIR/state): `train.pt` (weights, AdamW, scheduler, step, loss
+history, training seconds so far, written to a temporary file and renamed) and `progress.json` (the study's
+settings, per-side eval results, one record per call with its wall time). A rerun of the same command resumes:
+training first (the `--train-minutes` valve counts training time summed over calls; each call's scene stream is
+a new segment, `study-train-<seed>-r<segment>-...`, so resumed training sees fresh scenes), then evaluation side
+by side (finished sides are kept). `--call-minutes M` ends a call cleanly once M minutes of the process have
+passed (during training: after the current step; during evaluation: before a side that would end past M) and
+prints how to continue; keep M a minute under a hard per-command limit for the save. Another study's settings
+in the same `--state`, or a damaged / missing state file, is a one-line error naming the file.
 
 OtterHD's claim, tested on a benchmark with exact answers. A `study`-flavour Fuyu (~88 M parameters, the 8B's
 layout at 1/5 width, tiny tokenizer) is trained *from scratch* on a stream of fresh synthetic scenes
