@@ -1,11 +1,11 @@
 """Resolution study: does a higher input resolution let a Fuyu model see small objects? (issue 13, item 3)
 
-    python benchmarks/resolution_study.py --out DIR                        # one GPU, one command, ~20 min
-    python benchmarks/resolution_study.py --out DIR --call-minutes 9       # the same in calls of <= 9 min:
-                                                                           # rerun the same command until it
-                                                                           # prints the table (3 calls)
+    python benchmarks/resolution_study.py --out DIR                        # one GPU, one command, <= ~20 min
+    python benchmarks/resolution_study.py --out DIR --state S --call-minutes 9
+                                   # the same in calls of <= 9 min: repeat the same command until it prints the
+                                   # table (at most 3; docs/benchmarks.md section 11 for the lent H200)
     python benchmarks/resolution_study.py --smoke --out /tmp/rs            # CPU, seconds, numbers meaningless
-    python benchmarks/resolution_study.py --data-cost 20 --out DIR         # CPU cost of the scene stream only
+    python benchmarks/resolution_study.py --data-cost 40 --out DIR         # CPU cost of the scene stream only
 
 Resumable: everything lives in `--state` (default DIR/state): `train.pt` (weights, AdamW, scheduler, step, loss
 history, training seconds so far, written to a temporary file and renamed) and `progress.json` (the study's
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mc-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50, help="history record (and progress line) every N steps")
-    p.add_argument("--train-minutes", type=float, default=18.0,
+    p.add_argument("--train-minutes", type=float, default=15.0,
                    help="safety valve: stop training after this much training time, summed over calls, even "
                    "before --steps (reported)")
     p.add_argument("--call-minutes", type=float, default=None,
@@ -464,6 +464,7 @@ def restore(state: StudyState, args: argparse.Namespace, model: Any, optimizer: 
             scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
     """The saved progress loaded into the fresh model / optimizer / scheduler, or a fresh start."""
     if not state.exists():
+        print(f"no study state in {state.dir}: starting a new study", flush=True)
         return TrainState(), {"config": study_config(args), "eval": {}, "eval_s": {}, "calls": []}
     progress = state.load_progress(study_config(args))
     blob = state.load_train()
