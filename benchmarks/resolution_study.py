@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from otterhd_ray.models.fuyu import PackedBatch  # noqa: E402
 
+UNPARSED = "unparsed"  # the share of replies that named no option (in the table, not the plot)
 MC_PROMPT = "Answer with the text of the correct option."
 TEMPLATE = "User: {instruction} Assistant:"  # the evaluation's `otterhd` wrapping, used for training too
 
@@ -396,7 +397,7 @@ def evaluate_side(model: Any, tokenizer: Any, items: list[dict[str, Any]], side:
     processor = FuyuProcessor(tokenizer, TEMPLATE)
     stop = [fuyu_tokens(tokenizer).end]
     model.eval()
-    correct = dict.fromkeys(KINDS, 0)
+    correct, unparsed = dict.fromkeys(KINDS, 0), 0
     for start in range(0, len(items), 32):
         chunk = items[start : start + 32]
         prompts = []
@@ -410,21 +411,25 @@ def evaluate_side(model: Any, tokenizer: Any, items: list[dict[str, Any]], side:
         for it, new_ids in zip(chunk, outs, strict=True):
             reply = tokenizer.decode([t for t in new_ids if t not in stop], skip_special_tokens=True).strip()
             letters = {"ABCD"[k]: o for k, o in enumerate(it["options"])}
-            correct[it["kind"]] += parse_mc_strict(reply, letters) == "ABCD"[it["options"].index(it["truth"])]
+            pred = parse_mc_strict(reply, letters)
+            unparsed += pred is None
+            correct[it["kind"]] += pred == "ABCD"[it["options"].index(it["truth"])]
     n = len(items) // len(KINDS)
     acc = {k: correct[k] / n for k in KINDS}
     acc["all"] = sum(correct.values()) / len(items)
+    acc[UNPARSED] = unparsed / len(items)  # a reply naming no option: wrong, but a different failure than a miss
     print(f"eval long side {side}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()), flush=True)
     return acc
 
 
 # -------------------------------------------------------------------------------------------- reporting
 def table(results: dict[int, dict[str, float]], n: int) -> str:
-    kinds = list(next(iter(results.values())))
+    kinds = list(next(iter(results.values())))  # the kinds, "all", and the share of unparsed replies
     lines = ["| long side | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for side, acc in results.items():
         lines.append(f"| {side} | " + " | ".join(f"{100 * acc[k]:.1f} %" for k in kinds) + " |")
-    lines.append(f"\nMC accuracy on {n} held-out items per kind (chance 25 %; unparsed replies count as wrong).")
+    lines.append(f"\nMC accuracy on {n} held-out items per kind (chance 25 %; unparsed replies count as wrong; "
+                 f"`{UNPARSED}`: their share of all replies).")
     return "\n".join(lines)
 
 
@@ -439,7 +444,7 @@ def plot(results: dict[int, dict[str, float]], title: str, path: Path) -> bool:
         return False
     sides = list(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind in next(iter(results.values())):
+    for kind in (k for k in next(iter(results.values())) if k != UNPARSED):
         ax.plot(sides, [100 * results[s][kind] for s in sides], marker="o",
                 lw=2.5 if kind == "all" else 1.2, label=kind)
     ax.axhline(25, color="grey", ls=":", lw=1, label="chance")

@@ -64,9 +64,9 @@ def test_split_run_resumes_without_repeating_steps_or_sides(study, tmp_path, mon
     assert all(c["wall_s"] > 0 for c in calls)
     assert summary["train_s"] == pytest.approx(sum(c["train_s"] for c in calls))
     assert set(summary["accuracy"]) == {"120", "180"}
-    assert set(summary["accuracy"]["120"]) == {"colour", "shape", "count", "position", "all"}
+    assert set(summary["accuracy"]["120"]) == {"colour", "shape", "count", "position", "all", "unparsed"}
     table = (out / "resolution_study.md").read_text()
-    assert table.startswith("| long side | colour | shape | count | position | all |")
+    assert table.startswith("| long side | colour | shape | count | position | all | unparsed |")
     assert "| 120 |" in table and "| 180 |" in table
     assert (out / "resolution_study.json").exists()
     pytest.importorskip("matplotlib")
