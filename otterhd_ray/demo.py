@@ -10,12 +10,15 @@ evaluation uses the rule-based judge, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +169,7 @@ class Progress(threading.Thread):
         self._first: tuple[float, int] | None = None
         self._next_step = 0
         self.last: dict[str, Any] | None = None
-        self.first: dict[str, Any] | None = None
+        self.losses: list[float] = []  # every logged step's loss, for the run's summary line
         self.eval_history: list[dict[str, Any]] = []
 
     def run(self) -> None:
@@ -182,8 +185,8 @@ class Progress(threading.Thread):
 
     def show(self, m: dict[str, Any]) -> None:
         now, step, total = time.perf_counter(), int(m["step"]), int(m.get("total_steps") or 0)
-        self.first = self.first or m
         self.last = m
+        self.losses.append(float(m["loss"]))
         if self._first is None:
             self._first = (now, step)
         if step < self._next_step and step != total:
@@ -209,6 +212,8 @@ def step_finetune(cfg: FinetuneConfig) -> Any:
     from otterhd_ray.train.trainer import resolve_paths, run_finetune
 
     ensure_demo_data(resolve_paths(cfg))  # `--steps finetune` on a fresh workdir
+    # A demo shows a run from the start: the same run name would otherwise resume the earlier, finished one
+    clear_earlier(Path(cfg.train.output_dir), Path(cfg.ray.storage_path) / cfg.ray.name)
     metrics_path = Path(cfg.train.output_dir) / "metrics.jsonl"
     progress = Progress(Path(cfg.train.output_dir))
     progress.start()
@@ -220,11 +225,31 @@ def step_finetune(cfg: FinetuneConfig) -> Any:
         progress.join()
     if getattr(result, "error", None):
         raise RuntimeError(f"fine-tune failed: {result.error}")
-    first, last = progress.first or {}, progress.last or {}
-    print(f"fine-tune: {last.get('step', '?')} steps in {time.perf_counter() - started:.0f} s (Ray start-up "
-          f"included), loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f}; "
-          f"curves in {metrics_path.with_name('loss.png')}")
+    steps = (progress.last or {}).get("step", "?")
+    print(f"fine-tune: {steps} steps in {time.perf_counter() - started:.0f} s (Ray start-up included), "
+          f"{loss_trend(progress.losses)}; curves in {metrics_path.with_name('loss.png')}")
     return result
+
+
+def clear_earlier(*paths: Path) -> None:
+    """Removes an earlier demo run's outputs (the synthesised data and the index cache stay), saying so."""
+    import shutil
+
+    found = [p for p in paths if p.exists()]
+    for path in found:
+        shutil.rmtree(path)
+    if found:
+        print("removed the earlier demo run's " + ", ".join(str(p) for p in found))
+
+
+def loss_trend(losses: list[float]) -> str:
+    """Mean loss of the first and the last tenth of the logged steps: single log points are noisy."""
+    if not losses:
+        return "no loss logged"
+    tenth = max(1, len(losses) // 10)
+    head, tail = losses[:tenth], losses[-tenth:]
+    return (f"mean loss {sum(head) / len(head):.3f} (first tenth of the logged steps) -> "
+            f"{sum(tail) / len(tail):.3f} (last tenth)")
 
 
 def latest_checkpoint(cfg: FinetuneConfig) -> Path:
@@ -236,7 +261,6 @@ def latest_checkpoint(cfg: FinetuneConfig) -> Path:
 
 
 def step_export(cfg: FinetuneConfig, workdir: Path, checkpoint: str | None = None, verbose: bool = True) -> Path:
-    import contextlib
     import io
 
     from otterhd_ray.export import export_checkpoint
@@ -262,6 +286,7 @@ def step_evaluate(workdir: Path) -> dict[str, Any]:
 
     raw = _load_with_workdir(BENCHMARK_CONFIG, workdir)
     cfg = validate_config(BenchmarkConfig, raw, str(BENCHMARK_CONFIG))
+    clear_earlier(Path(cfg.output_dir))  # results of earlier weights must not be "resumed" into this report
     metrics = run_evaluation(cfg)
     print(summary_line(metrics))
     return metrics
@@ -311,6 +336,39 @@ def quiet_output(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+# Ray Data's actor pools pass their map function to the actors by object reference and restart actors by
+# default, which makes Ray core log this at ERROR level for every pool (ray-project/ray#53727). Ray Data keeps
+# the reference alive for the pool's life, so the restart it warns about works: nothing for the user to do.
+KNOWN_BENIGN_STDERR = ("constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def drop_known_benign_stderr(patterns: tuple[str, ...] = KNOWN_BENIGN_STDERR) -> Iterator[None]:
+    """Forwards this process's stderr (fd 2, where Ray's C++ core logs too) line by line, except lines with one
+    of `patterns`. Everything else, errors included, still shows; `-v` does not filter at all."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def forward() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in pipe:
+                if not any(p.encode() in line for p in patterns):
+                    os.write(saved_fd, line)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)  # closes the pipe's last write end: the thread sees EOF and ends
+        thread.join(timeout=5)
+        os.close(saved_fd)
+
+
 def start_ray(cfg: FinetuneConfig, verbose: bool) -> None:
     import ray
 
@@ -355,5 +413,6 @@ def run_demo(workdir: str | Path = "demo_output", steps: str = "all", verbose: b
         step_export(cfg, workdir, checkpoint, verbose)
     if "evaluate" in chosen:
         _banner("4/4 evaluate: untrained vs fine-tuned on the held-out benchmark, Ray actors")
-        step_evaluate(workdir)
+        with contextlib.nullcontext() if verbose else drop_known_benign_stderr():
+            step_evaluate(workdir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs under {workdir}")

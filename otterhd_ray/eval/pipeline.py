@@ -175,10 +175,6 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
 def _prediction_record(
     item: Item, out: dict[str, Any], model: BenchModelSpec, fingerprint: str, doc_id: int
 ) -> dict[str, Any]:

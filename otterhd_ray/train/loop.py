@@ -307,6 +307,11 @@ def train_loop_per_worker(
             f"the checkpoint's run had {state.total_steps} optimizer steps, this config gives {total_steps}: "
             "resume with the same data, epochs, accumulation and workers"
         )
+    if state.global_step >= total_steps and rank == 0:
+        # Rerunning a finished run is allowed (a no-op), but a user who changed something else expects training
+        logger.warning("run %r already finished its %d optimizer steps (checkpoint in %s): nothing to train; "
+                       "a new ray.name (or another ray.storage_path) starts a new run",
+                       cfg.ray.name, total_steps, cfg.ray.storage_path)
     return _run(cfg, ctx, engine, data, state, device, base_dirs)
 
 

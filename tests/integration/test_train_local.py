@@ -234,7 +234,7 @@ def test_wandb_offline_run_is_written(full_run):
     assert list(runs[0].glob("*.wandb")), "no wandb event file"
 
 
-def test_run_finetune_in_process_checkpoints_resumes_and_exports(data_dir, tmp_path):
+def test_run_finetune_in_process_checkpoints_resumes_and_exports(data_dir, tmp_path, caplog):
     # ray.num_workers=0: the same loop in the driver process, checkpoints under storage_path/name.
     from otterhd_ray.finetune import finetune
     from otterhd_ray.train.trainer import run_finetune
@@ -249,8 +249,10 @@ def test_run_finetune_in_process_checkpoints_resumes_and_exports(data_dir, tmp_p
     # so the schedule differs: refused with a clear error rather than silently training on a different one.
     with pytest.raises(ValueError, match="optimizer steps"):
         run_finetune(_cfg(data_dir, tmp_path, *overrides[:-3], "train.max_steps=3"))
-    run_finetune(_cfg(data_dir, tmp_path, *overrides))  # same config: resumes at the end, trains nothing
+    with caplog.at_level("WARNING", logger="otterhd_ray.train"):
+        run_finetune(_cfg(data_dir, tmp_path, *overrides))  # same config: resumes at the end, trains nothing
     assert len(_history(tmp_path)) == 2
+    assert "run 'inproc' already finished its 2 optimizer steps" in caplog.text  # said, not silent
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -101,4 +101,43 @@ def test_demo_progress_prints_training_and_in_training_eval_lines(tmp_path, caps
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out] == ["2/4", "4/4", "4"]
     assert out[-1].strip() == "step    4  end of epoch 1: held-out MC accuracy 37.5 % on 64 items (2 s)"
-    assert progress.first["step"] == 2 and progress.last["step"] == 4 and len(progress.eval_history) == 1
+    assert progress.losses == [0.5, 0.25] and progress.last["step"] == 4 and len(progress.eval_history) == 1
+
+
+def test_demo_loss_trend_averages_the_first_and_last_tenth():
+    from otterhd_ray.demo import loss_trend
+
+    losses = [5.0] * 10 + [3.0] * 80 + [1.0] * 9 + [2.0]
+    assert loss_trend(losses) == "mean loss 5.000 (first tenth of the logged steps) -> 1.100 (last tenth)"
+    assert loss_trend([]) == "no loss logged"
+
+
+def test_demo_rerun_clears_the_earlier_run_but_not_the_data(tmp_path, capsys):
+    from otterhd_ray.demo import clear_earlier
+
+    run, data = tmp_path / "finetune", tmp_path / "data"
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    data.mkdir()
+    clear_earlier(run, tmp_path / "never-made")
+    assert not run.exists() and data.is_dir()
+    assert capsys.readouterr().out.strip() == f"removed the earlier demo run's {run}"
+    clear_earlier(run)
+    assert capsys.readouterr().out == ""
+
+
+def test_demo_stderr_filter_drops_only_the_known_benign_ray_line(capfd):
+    import os
+
+    from otterhd_ray.demo import drop_known_benign_stderr
+
+    benign = (b"[2026-12-01 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker' has constructor "
+              b"arguments in the object store and max_restarts > 0. If the arguments ... restart will fail.\n")
+    with drop_known_benign_stderr():
+        os.write(2, b"ERROR something the user must see\n")
+        os.write(2, benign)
+        os.write(2, b"last line without newline")
+    os.write(2, b"\nafter: " + benign)  # outside the block nothing is filtered
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["ERROR something the user must see", "last line without newline",
+                                "after: " + benign.decode().rstrip("\n")]

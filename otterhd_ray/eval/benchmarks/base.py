@@ -317,6 +317,32 @@ class Benchmark:
         return {name: record.get("correct") for name in self.metric_names}
 
 
+class LetterChoiceBenchmark(Benchmark):
+    """Single-answer letter choice as lmms-eval asks it (MMBench, SEED-Bench, ScienceQA): the item's doc holds
+    `options` {letter: text} and `answer` (a letter); the reply is parsed by the configured MC parser, and the
+    default aggregate is the fraction right under the first metric name, broken down by one doc key."""
+
+    post_prompt = LETTER_SUFFIX
+    default_max_new_tokens = 16
+    breakdown: ClassVar[tuple[str, str]] = ("", "")  # (doc key, breakdown name); ("", "") for none
+    head_label: ClassVar[str] = "acc"
+
+    async def score(self, item: Item, responses: Mapping[str, str], ctx: ScoreContext) -> dict[str, Any]:
+        return score_mc(responses.get("answer", ""), item.doc["options"], item.doc["answer"], ctx.mc_parse)
+
+    def aggregate(self, loaded: LoadResult, records: Sequence[dict[str, Any]]) -> Aggregate:
+        acc = ratio(sum(1 for r in records if r["correct"]), len(records))
+        key, name = self.breakdown
+        return Aggregate({self.metric_names[0]: acc}, [(self.head_label, pct(acc))],
+                         breakdown={name: accuracy_by(records, key)} if key else {},
+                         counts={"unparsed": unparsed(records)})
+
+
+def unparsed(records: Sequence[dict[str, Any]]) -> int:
+    """Replies that named no option (counted wrong)."""
+    return sum(1 for r in records if r["pred"] is None)
+
+
 async def score_records(
     bench: Benchmark,
     items: Sequence[Item],

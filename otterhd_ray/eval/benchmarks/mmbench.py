@@ -14,38 +14,34 @@ question is right only when every copy of it is right. results.json: `gpt_eval_s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from otterhd_ray.eval.benchmarks import register
 from otterhd_ray.eval.benchmarks.base import (
-    LETTER_SUFFIX,
     Aggregate,
-    Benchmark,
     Item,
+    LetterChoiceBenchmark,
     LoadResult,
-    ScoreContext,
     accuracy_by,
     is_missing,
     options_lines,
     pct,
     ratio,
-    score_mc,
+    unparsed,
 )
 
 CIRCULAR_OFFSET = 1_000_000
 
 
 @register
-class MMBench(Benchmark):
+class MMBench(LetterChoiceBenchmark):
     name = "mmbench"
     task = "mmbench_en_dev"
     hub_id = "lmms-lab/MMBench"
     default_split = "dev"
     default_config = "en"
-    post_prompt = LETTER_SUFFIX
     metric_names = ("gpt_eval_score",)
-    default_max_new_tokens = 16
 
     def to_item(self, row: dict[str, Any], result: LoadResult) -> Item | None:
         item_id = str(row.get("index"))
@@ -78,9 +74,6 @@ class MMBench(Benchmark):
         }
         return Item(item_id, image, {"answer": self.wrap(text)}, answer, doc)
 
-    async def score(self, item: Item, responses: Mapping[str, str], ctx: ScoreContext) -> dict[str, Any]:
-        return score_mc(responses.get("answer", ""), item.doc["options"], item.doc["answer"], ctx.mc_parse)
-
     def aggregate(self, loaded: LoadResult, records: Sequence[dict[str, Any]]) -> Aggregate:
         units = _circular_units(records) if self.spec.circular else list(records)
         correct = sum(1 for u in units if u["correct"])
@@ -94,7 +87,7 @@ class MMBench(Benchmark):
             "categories": accuracy_by(units, "category"),
             "l2_categories": accuracy_by(units, "l2_category"),
         }
-        counts = {"unparsed": sum(1 for r in records if r["pred"] is None), "questions": len(units)}
+        counts = {"unparsed": unparsed(records), "questions": len(units)}
         return Aggregate(scores, head, breakdown=breakdown, counts=counts)
 
     def sample_metrics(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -11,36 +11,27 @@ parser (lmms-eval: the reply equals the letter or starts with "X."). Metric: acc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from otterhd_ray.eval.benchmarks import register
 from otterhd_ray.eval.benchmarks.base import (
-    LETTER_SUFFIX,
-    Aggregate,
-    Benchmark,
     Item,
+    LetterChoiceBenchmark,
     LoadResult,
-    ScoreContext,
-    accuracy_by,
     is_missing,
     options_lines,
-    pct,
-    ratio,
-    score_mc,
 )
 
 
 @register
-class ScienceQA(Benchmark):
+class ScienceQA(LetterChoiceBenchmark):
     name = "scienceqa"
     task = "scienceqa_img"
     hub_id = "lmms-lab/ScienceQA"
     default_split = "test"
     default_config = "ScienceQA-IMG"
-    post_prompt = LETTER_SUFFIX
     metric_names = ("exact_match",)
-    default_max_new_tokens = 16
+    breakdown = ("subject", "subjects")
 
     def to_item(self, row: dict[str, Any], result: LoadResult) -> Item | None:
         item_id = str(row["id"]) if row.get("id") is not None else f"{self.spec.split}-{result.num_rows - 1}"
@@ -61,15 +52,6 @@ class ScienceQA(Benchmark):
         text = f"{context}{str(row.get('question') or '').strip()}\n{options_lines(options)}"
         doc = {"answer": answer, "options": options, "subject": str(row.get("subject") or "")}
         return Item(item_id, image, {"answer": self.wrap(text)}, answer, doc)
-
-    async def score(self, item: Item, responses: Mapping[str, str], ctx: ScoreContext) -> dict[str, Any]:
-        return score_mc(responses.get("answer", ""), item.doc["options"], item.doc["answer"], ctx.mc_parse)
-
-    def aggregate(self, loaded: LoadResult, records: Sequence[dict[str, Any]]) -> Aggregate:
-        acc = ratio(sum(1 for r in records if r["correct"]), len(records))
-        breakdown = {"subjects": accuracy_by(records, "subject")}
-        counts = {"unparsed": sum(1 for r in records if r["pred"] is None)}
-        return Aggregate({"exact_match": acc}, [("acc", pct(acc))], breakdown=breakdown, counts=counts)
 
     def sample_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"exact_match": float(bool(record["correct"]))}

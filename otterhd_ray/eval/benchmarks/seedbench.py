@@ -11,23 +11,15 @@ fraction right (lmms-eval's scale).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from otterhd_ray.eval.benchmarks import register
 from otterhd_ray.eval.benchmarks.base import (
-    LETTER_SUFFIX,
-    Aggregate,
-    Benchmark,
     Item,
+    LetterChoiceBenchmark,
     LoadResult,
-    ScoreContext,
-    accuracy_by,
     is_missing,
     options_lines,
-    pct,
-    ratio,
-    score_mc,
 )
 
 # SEED-Bench's question types 1-9 are the image ones (10-12 are video).
@@ -45,14 +37,14 @@ QUESTION_TYPES = {
 
 
 @register
-class SEEDBench(Benchmark):
+class SEEDBench(LetterChoiceBenchmark):
     name = "seedbench"
     task = "seedbench"
     hub_id = "lmms-lab/SEED-Bench"
     default_split = "test"
-    post_prompt = LETTER_SUFFIX
     metric_names = ("seed_image",)
-    default_max_new_tokens = 16
+    breakdown = ("question_type", "question_types")
+    head_label = "image acc"
 
     def to_item(self, row: dict[str, Any], result: LoadResult) -> Item | None:
         item_id = str(row.get("question_id"))
@@ -75,15 +67,6 @@ class SEEDBench(Benchmark):
         qtype = str(row.get("question_type_id"))
         doc = {"answer": answer, "options": options, "question_type": QUESTION_TYPES.get(qtype, qtype)}
         return Item(item_id, image, {"answer": self.wrap(text)}, answer, doc)
-
-    async def score(self, item: Item, responses: Mapping[str, str], ctx: ScoreContext) -> dict[str, Any]:
-        return score_mc(responses.get("answer", ""), item.doc["options"], item.doc["answer"], ctx.mc_parse)
-
-    def aggregate(self, loaded: LoadResult, records: Sequence[dict[str, Any]]) -> Aggregate:
-        acc = ratio(sum(1 for r in records if r["correct"]), len(records))
-        breakdown = {"question_types": accuracy_by(records, "question_type")}
-        counts = {"unparsed": sum(1 for r in records if r["pred"] is None)}
-        return Aggregate({"seed_image": acc}, [("image acc", pct(acc))], breakdown=breakdown, counts=counts)
 
     def sample_metrics(self, record: dict[str, Any]) -> dict[str, Any]:
         doc = record["doc"]
