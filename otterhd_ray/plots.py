@@ -54,8 +54,9 @@ PANELS = (
 )
 
 
-def plot_training(metrics_path: str | Path, out_png: str | Path | None = None) -> Path:
-    """loss / lr / tokens/s / data wait vs step from a fine-tune's metrics.jsonl; returns the PNG's path."""
+def plot_training(metrics_path: str | Path, out_png: str | Path | None = None, run_name: str | None = None) -> Path:
+    """loss / lr / tokens/s / data wait vs step from a fine-tune's metrics.jsonl; returns the PNG's path. The
+    title names `run_name` (the run's `ray.name`), else the metrics file's directory."""
     metrics_path = Path(metrics_path)
     history = read_history(metrics_path)
     if not history:
@@ -76,7 +77,7 @@ def plot_training(metrics_path: str | Path, out_png: str | Path | None = None) -
     if len(by_attempt) > 1:
         axes[0].legend()
     axes[-1].set_xlabel("optimizer step")
-    axes[0].set_title(f"fine-tune: {metrics_path.parent.name or metrics_path.parent}")
+    axes[0].set_title(f"fine-tune: {run_name or metrics_path.parent.name or metrics_path.parent}")
     fig.tight_layout()
     out = Path(out_png) if out_png else metrics_path.with_name(LOSS_PNG)
     fig.savefig(out, dpi=110)

@@ -404,17 +404,17 @@ def _run(
     ledger.close()
     sink.close()
     if rank == 0:
-        write_loss_png(Path(cfg.train.output_dir) / "metrics.jsonl")
+        write_loss_png(Path(cfg.train.output_dir) / "metrics.jsonl", cfg.ray.name)
     return last
 
 
-def write_loss_png(metrics_path: Path) -> None:
+def write_loss_png(metrics_path: Path, run_name: str) -> None:
     """loss.png beside the metrics file; a figure that cannot be drawn is a warning, never a failed run."""
     try:
         from otterhd_ray.plots import plot_training
 
         if metrics_path.is_file():
-            logger.info("training curves: %s", plot_training(metrics_path))
+            logger.info("training curves: %s", plot_training(metrics_path, run_name=run_name))
     except Exception as err:  # noqa: BLE001 (matplotlib missing, a full disk: the trained model still counts)
         logger.warning("no loss.png (%s: %s); `otterhd plot %s` retries", type(err).__name__, err, metrics_path.parent)
 
