@@ -26,8 +26,11 @@ correct option's text; the others are the free-form conversations of the trainin
 
 Evaluation: held-out scenes (another seed), `--items-per-kind` per question kind (colour, shape, count,
 position), each resized to every long side of `--eval-sides` (never enlarged: frames are >= 1440 px), greedy
-decoding with the model's KV cache, the strict MC parser (an unparsed reply is wrong). Prints a table of MC
-accuracy per kind x resolution, writes `resolution_study.json` and `resolution_study.png`.
+decoding with the model's KV cache, the strict MC parser (an unparsed reply is wrong). Then a no-image control:
+the same questions about a grey image at the smallest side, which measures what the model gets from the text and
+options alone (the synthetic options carry some prior, e.g. for counts). Prints a table of MC accuracy per kind x
+resolution plus the control's row, writes `resolution_study.json` and `resolution_study.png` (the control's
+overall accuracy as a dashed line).
 
 Not the production input path: scenes are drawn and preprocessed in DataLoader worker processes and packed in
 memory (`buckets.StreamingPacker` + `assemble`), so the GPU is fed without shards or Ray; the model, processor, packer, loss, optimizer
@@ -385,6 +388,14 @@ def held_out(args: argparse.Namespace) -> list[dict[str, Any]]:
     return items
 
 
+def blank_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out items with a uniform grey image of the same size: the no-image control. What a model scores
+    on these it gets from the question and options alone (a prior of the synthetic benchmark), not from sight."""
+    from PIL import Image
+
+    return [{**it, "image": Image.new("RGB", it["image"].size, (128, 128, 128)), "blank": True} for it in items]
+
+
 @torch.no_grad()
 def evaluate_side(model: Any, tokenizer: Any, items: list[dict[str, Any]], side: int,
                   device: torch.device) -> dict[str, float]:
@@ -423,17 +434,24 @@ def evaluate_side(model: Any, tokenizer: Any, items: list[dict[str, Any]], side:
 
 
 # -------------------------------------------------------------------------------------------- reporting
-def table(results: dict[int, dict[str, float]], n: int) -> str:
+def table(results: dict[int, dict[str, float]], n: int,
+          control: tuple[int, dict[str, float]] | None = None) -> str:
+    """Markdown: a row per long side, then the no-image control's row (`control`: its side and accuracies)."""
     kinds = list(next(iter(results.values())))  # the kinds, "all", and the share of unparsed replies
+    rows = [(str(side), acc) for side, acc in results.items()]
+    if control is not None:
+        rows.append((f"no image (grey, {control[0]})", control[1]))
     lines = ["| long side | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for side, acc in results.items():
-        lines.append(f"| {side} | " + " | ".join(f"{100 * acc[k]:.1f} %" for k in kinds) + " |")
+    for label, acc in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * acc[k]:.1f} %" for k in kinds) + " |")
     lines.append(f"\nMC accuracy on {n} held-out items per kind (chance 25 %; unparsed replies count as wrong; "
-                 f"`{UNPARSED}`: their share of all replies).")
+                 f"`{UNPARSED}`: their share of all replies). The no-image row asks the same questions about a "
+                 "grey image: what the model gets from the text alone.")
     return "\n".join(lines)
 
 
-def plot(results: dict[int, dict[str, float]], title: str, path: Path) -> bool:
+def plot(results: dict[int, dict[str, float]], title: str, path: Path,
+         control: dict[str, float] | None = None) -> bool:
     try:
         import matplotlib
 
@@ -448,6 +466,8 @@ def plot(results: dict[int, dict[str, float]], title: str, path: Path) -> bool:
         ax.plot(sides, [100 * results[s][kind] for s in sides], marker="o",
                 lw=2.5 if kind == "all" else 1.2, label=kind)
     ax.axhline(25, color="grey", ls=":", lw=1, label="chance")
+    if control is not None:
+        ax.axhline(100 * control["all"], color="black", ls="--", lw=1, label="all, no image (text prior)")
     ax.set_xticks(sides)
     ax.set_xlabel("evaluation long side (px)")
     ax.set_ylabel("held-out MC accuracy (%)")
@@ -507,6 +527,16 @@ def run_eval(model: Any, tokenizer: Any, args: argparse.Namespace, device: torch
         call["eval_sides"].append(side)
         call["wall_s"] = budget.elapsed()
         state.save_progress(progress)
+    if progress.get("control") is None:  # the no-image control, at the cheapest side
+        side = min(args.eval_sides)
+        if budget.stop_eval(len(call["eval_sides"]), side_estimate(progress, side)):
+            return False
+        print("no-image control (grey images, the same questions):", flush=True)
+        t0 = time.perf_counter()
+        progress["control"] = evaluate_side(model, tokenizer, blank_items(items or held_out(args)), side, device)
+        progress["control_s"] = time.perf_counter() - t0
+        call["control"], call["wall_s"] = True, budget.elapsed()
+        state.save_progress(progress)
     return True
 
 
@@ -525,7 +555,7 @@ def stop_call(args: argparse.Namespace, state: StudyState, progress: dict[str, A
 def finish(args: argparse.Namespace, progress: dict[str, Any], ts: TrainState, num_params: int) -> dict[str, Any]:
     """The final table, JSON and PNG from the saved progress (the same whether one call or several)."""
     results = {side: progress["eval"][str(side)] for side in args.eval_sides}
-    train_s, eval_s = ts.train_s, sum(progress["eval_s"].values())
+    train_s, eval_s = ts.train_s, sum(progress["eval_s"].values()) + progress.get("control_s", 0.0)
     device_name = progress["calls"][-1]["device"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -534,12 +564,13 @@ def finish(args: argparse.Namespace, progress: dict[str, Any], ts: TrainState, n
                "train_sides": args.train_sides, "frame_long_side": args.frame, "items_per_kind": args.items_per_kind,
                "train_s": train_s, "eval_s": eval_s, "train_tokens": ts.tokens,
                "accuracy": {str(k): v for k, v in results.items()}, "history": ts.history,
-               "stopped_early": ts.stopped_early, "calls": progress["calls"]}
+               "stopped_early": ts.stopped_early, "calls": progress["calls"],
+               "no_image_control": {"long_side": min(args.eval_sides), "accuracy": progress["control"]}}
     (out / "resolution_study.json").write_text(json.dumps(summary, indent=1))
-    text = table(results, args.items_per_kind)
+    text = table(results, args.items_per_kind, (min(args.eval_sides), progress["control"]))
     title = (f"{args.flavour} Fuyu ({num_params / 1e6:.0f} M) from scratch, {args.steps} steps, "
              f"trained at {'/'.join(map(str, args.train_sides))} px, {device_name}")
-    plot(results, title, out / "resolution_study.png")
+    plot(results, title, out / "resolution_study.png", progress["control"])
     (out / "resolution_study.md").write_text(text + "\n")
     print("\n" + text)
     wall = sum(c["wall_s"] for c in progress["calls"])
@@ -564,7 +595,7 @@ def run_study(args: argparse.Namespace, tokenizer: Any, tokenizer_dir: str, budg
     num_params = sum(p.numel() for p in model.parameters())
     print(f"{args.flavour} Fuyu, {num_params / 1e6:.1f} M parameters, on {device}; {args.steps} steps of "
           f"{args.max_tokens} tokens; scene workers {args.workers}", flush=True)
-    if ts.done and len(progress["eval"]) == len(args.eval_sides):
+    if ts.done and len(progress["eval"]) == len(args.eval_sides) and progress.get("control") is not None:
         print(f"the study in {state.dir} is finished: writing its report again")
         return finish(args, progress, ts, num_params)
     call = {"call": len(progress["calls"]) + 1, "device": torch.cuda.get_device_name() if device.type == "cuda"

@@ -38,7 +38,7 @@ def test_split_run_resumes_without_repeating_steps_or_sides(study, tmp_path, mon
     real_evaluate = study.evaluate_side
 
     def counting_evaluate(model, tokenizer, items, side, device):
-        evaluated.append(side)
+        evaluated.append(-side if items[0].get("blank") else side)  # negative: the no-image control
         return real_evaluate(model, tokenizer, items, side, device)
 
     monkeypatch.setattr(study, "evaluate_side", counting_evaluate)
@@ -50,7 +50,7 @@ def test_split_run_resumes_without_repeating_steps_or_sides(study, tmp_path, mon
     third = study.main(_argv(out, "--stop-after-sides", "1"))  # trains step 8, evaluates one side
     assert third["step"] == 8 and third["eval_sides_done"] == ["120"] and evaluated == [120]
     summary = study.main(_argv(out))
-    assert evaluated == [120, 180]  # the finished side was not redone
+    assert evaluated == [120, 180, -120]  # the finished side was not redone; then the no-image control
 
     assert summary["finished"] and summary["steps_done"] == 8 and not summary["stopped_early"]
     steps = [h["step"] for h in summary["history"]]
@@ -65,7 +65,10 @@ def test_split_run_resumes_without_repeating_steps_or_sides(study, tmp_path, mon
     assert summary["train_s"] == pytest.approx(sum(c["train_s"] for c in calls))
     assert set(summary["accuracy"]) == {"120", "180"}
     assert set(summary["accuracy"]["120"]) == {"colour", "shape", "count", "position", "all", "unparsed"}
+    assert summary["no_image_control"]["long_side"] == 120
+    assert set(summary["no_image_control"]["accuracy"]) == set(summary["accuracy"]["120"])
     table = (out / "resolution_study.md").read_text()
+    assert "| no image (grey, 120) |" in table
     assert table.startswith("| long side | colour | shape | count | position | all | unparsed |")
     assert "| 120 |" in table and "| 180 |" in table
     assert (out / "resolution_study.json").exists()
@@ -73,7 +76,7 @@ def test_split_run_resumes_without_repeating_steps_or_sides(study, tmp_path, mon
     assert (out / "resolution_study.png").stat().st_size > 0
 
     again = study.main(_argv(out))  # a finished study only rewrites its report
-    assert again["finished"] and len(again["calls"]) == 4 and evaluated == [120, 180]
+    assert again["finished"] and len(again["calls"]) == 4 and evaluated == [120, 180, -120]
 
 
 def test_resumed_training_draws_fresh_scenes(study, tmp_path):
