@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-minutes", type=float, default=15.0,
                    help="safety valve: stop training after this much training time, summed over calls, even "
                    "before --steps (reported)")
+    p.add_argument("--autocast", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast over float32 weights in training: auto = on a GPU; `on` tries the GPU's "
+                        "precision path on a CPU smoke run")
     p.add_argument("--call-minutes", type=float, default=None,
                    help="stop this call cleanly after M minutes of it (state saved; run the same command again "
                    "to continue). Leave ~1 minute below a hard per-command limit for the save. Default: no limit")
@@ -221,7 +224,7 @@ def data_cost(args: argparse.Namespace, tokenizer_dir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- state
 # The study's identity: a rerun must agree on these to resume (runtime knobs like --workers may change).
 STUDY_KEYS = ("smoke", "flavour", "level", "steps", "max_tokens", "lr", "warmup_ratio", "train_sides", "eval_sides",
-              "frame", "items_per_kind", "mc_fraction", "seed")
+              "frame", "items_per_kind", "mc_fraction", "seed", "autocast")
 
 
 @dataclass
@@ -333,7 +336,7 @@ def train(model: Any, optimizer: Any, scheduler: Any, args: argparse.Namespace, 
           device: torch.device, ts: TrainState, budget: CallBudget) -> int:
     """Continue training from `ts` (updated in place) until --steps, the --train-minutes valve or the call's
     budget; returns the number of steps this call ran."""
-    bf16 = device.type == "cuda"
+    bf16 = args.autocast == "on" or (args.autocast == "auto" and device.type == "cuda")
     window_loss = torch.tensor(ts.window_loss, device=device)  # on device: no host sync per step
     base_s, t0, first = ts.train_s, time.perf_counter(), ts.step
     model.train()

@@ -145,6 +145,16 @@ def linear_cross_entropy(
         raise ValueError(f"{h_ND.shape[0]} hidden rows but {targets_N.shape[0]} targets")
     if h_ND.shape[0] == 0:
         return (h_ND.sum() + weight_VD.sum()).float() * 0.0
+    device_type = h_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The autograd Functions below do their own matmuls and in-place accumulation, which autocast does not
+        # reach: cast both operands as autocast would for the logits' linear, then run them with autocast off.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(
+                h_ND.to(dtype), weight_VD.to(dtype), targets_N, chunk_size, ignore_index=ignore_index,
+                softmax_grad=softmax_grad, defer_weight_grad=defer_weight_grad,
+            )
     N, D = h_ND.shape
     if defer_weight_grad and torch.is_grad_enabled() and weight_VD.requires_grad and N <= min(chunk_size, D):
         return _DeferredLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, softmax_grad)

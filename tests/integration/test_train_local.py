@@ -277,6 +277,27 @@ def test_bf16_deepspeed_step_runs(stage):
     assert engine.lr < before  # the schedule advanced once per optimizer step
 
 
+def test_bf16_torch_engine_step_runs_under_autocast():
+    # The plain torch engine's bf16: float32 weights under autocast. With image patches this raised a dtype error
+    # (bf16 patch projection scattered into float32 embeddings; the chunked loss's own matmuls) until fixed.
+    small, big = _micro_batches()
+    assert big.patches is not None and big.patches.shape[0] > 0
+    torch.manual_seed(0)
+    model = new_model(CFG, attention="sdpa")
+    cfg = FinetuneConfig.model_validate({
+        "deepspeed": {"enabled": False}, "train": {"precision": "bf16", "gradient_accumulation_steps": 2},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0},
+    })
+    engine = build_engine(model, cfg, 10, torch.device("cpu"), 1)
+    for i, mb in enumerate(small):
+        loss_sum, _ = engine.forward(mb)
+        assert torch.isfinite(loss_sum) and loss_sum.dtype == torch.float32
+        engine.backward(loss_sum / big.num_target_tokens, is_boundary=i == 1)
+    norm = engine.step()
+    assert torch.isfinite(norm) and float(norm) > 0
+    assert next(engine.model.parameters()).dtype == torch.float32
+
+
 def test_mfu_flops_count_survives_zero3_partitioning():
     from otterhd_ray.train.metrics import flops_per_token
 

@@ -79,6 +79,22 @@ def test_loss_equals_reference_and_gradients(chunk):
         assert_rel_close(a, b, name)
 
 
+@pytest.mark.parametrize("lean", [False, True])
+def test_loss_under_autocast_close_to_float32(lean):
+    # fp32 weights under bf16 autocast: the patch projection comes out in bf16 and must be scattered into the
+    # float32 embeddings (it raised a dtype error in masked_scatter / index_copy before).
+    torch.manual_seed(1)
+    m = new_model(CFG, attention="sdpa", lean_step=lean)
+    batch = pack(SAMPLES)
+    ref, _ = m.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, num = m.loss(batch)
+    grads = torch.autograd.grad(loss_sum, list(m.parameters()))
+    assert num == batch.num_target_tokens and loss_sum.dtype == torch.float32
+    assert abs(loss_sum.item() - ref.item()) < 0.02 * ref.item()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_loss_without_count_and_without_targets(model):
     batch = pack(SAMPLES)
     n = batch.num_target_tokens

@@ -177,6 +177,27 @@ def test_chunked_cross_entropy_bf16_close_to_fp32_reference():
     assert abs(out.item() - ref.item()) < 0.01 * abs(ref.item())
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_cross_entropy_under_autocast_equals_the_autocast_reference(deferred):
+    # fp32 weights under bf16 autocast (the resolution study, HF Trainer's bf16=True): the autograd Function's own
+    # matmuls and in-place accumulation are outside autocast's reach, so the loss casts as autocast would.
+    N, D, V = 12, 16, 40
+    h = torch.randn(N, D, requires_grad=True)
+    w = (torch.randn(V, D) * 0.2).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[3] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = loss.reference_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX)
+        out = loss.linear_cross_entropy(h, w, t, chunk_size=5 if not deferred else 16, ignore_index=IGNORE_INDEX,
+                                        defer_weight_grad=deferred)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    grads = torch.autograd.grad(out, (h, w))
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # the same bf16 logits, float32 CE
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # bf16 gradient matmuls in both
+
+
 def test_chunked_cross_entropy_edge_cases():
     h, w = torch.randn(0, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
     ce = functools.partial(loss.linear_cross_entropy, ignore_index=IGNORE_INDEX)

@@ -245,6 +245,9 @@ class FuyuForCausalLM(nn.Module):
             # uint8 patches are raw pixels (the batch contract); float patches are taken as already normalised.
             pixels = normalize_patches(patches_PC) if patches_PC.dtype == torch.uint8 else patches_PC
             patch_PD = project(pixels.to(x_TD.dtype), projection(self.vision_embed_tokens), self.training)
+            # Under autocast the projection comes out in bf16 while the embeddings stay float32 (as in
+            # transformers, which casts the patch features to the embeddings' dtype before the scatter).
+            patch_PD = patch_PD.to(x_TD.dtype)
             if self.lean_step:
                 # The placeholders' rows, found without a host sync (the count is the patch count); index_copy's
                 # backward is an index_select, where masked_scatter's is a masked_select (a sync).
