@@ -1,9 +1,9 @@
 """Resolution study: does a higher input resolution let a Fuyu model see small objects? (issue 13, item 3)
 
-    python benchmarks/resolution_study.py --out DIR                        # one GPU, one command, <= ~20 min
-    python benchmarks/resolution_study.py --out DIR --state S --call-minutes 9
-                                   # the same in calls of <= 9 min: repeat the same command until it prints the
-                                   # table (at most 3; docs/benchmarks.md section 11 for the lent H200)
+    python benchmarks/resolution_study.py --out DIR                        # one GPU, one command, ~15 min
+    python benchmarks/resolution_study.py --out DIR --state S --call-minutes 8.5
+                                   # the same in calls of <= 8.5 min: repeat the same command until it prints
+                                   # the table (2-3 calls; docs/benchmarks.md section 11 for the lent H200)
     python benchmarks/resolution_study.py --smoke --out /tmp/rs            # CPU, seconds, numbers meaningless
     python benchmarks/resolution_study.py --data-cost 40 --out DIR         # CPU cost of the scene stream only
 
@@ -22,7 +22,10 @@ layout at 1/5 width, tiny tokenizer) is trained *from scratch* on a stream of fr
 (`otterhd_ray.data.synth`, the MagnifierBench-like `standard` level: a ~1 %-area target among clutter and
 distractors), every frame drawn at 1440-2000 px and resized to a long side drawn from `--train-sides` (mixed
 resolution, as OtterHD trains). Half the rows ask the benchmark's multiple-choice question, answered with the
-correct option's text; the others are the free-form conversations of the training shards.
+correct option's text; the others are the free-form conversations of the training shards. Length: `--steps auto`
+(the default) warms up linearly over `--calibrate-steps` (100), measures the pace, and fixes the cosine schedule
+to end within `--train-minutes` (12) of training, at most `--max-steps`: the GPU's speed, not a guess, decides
+how far the model trains; the JSON records the steps (`steps`, `steps_mode`).
 
 Evaluation: held-out scenes (another seed), `--items-per-kind` per question kind (colour, shape, count,
 position), each resized to every long side of `--eval-sides` (never enlarged: frames are >= 1440 px), greedy
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -67,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU: debug model, small frames, a few steps")
     p.add_argument("--flavour", default=None, help="default study (smoke: debug)")
     p.add_argument("--level", default="standard")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2400; smoke 6)")
+    p.add_argument("--steps", default=None,
+                   help="optimizer steps, or `auto` (the default on a full run; smoke 6): after --calibrate-steps "
+                   "of linear warm-up the measured pace fixes the cosine schedule's length so that it ends within "
+                   "--train-minutes (at most --max-steps)")
+    p.add_argument("--calibrate-steps", type=int, default=None, help="`--steps auto`: warm-up steps whose pace "
+                   "fixes the schedule (default 100; smoke 2)")
+    p.add_argument("--max-steps", type=int, default=20000, help="`--steps auto`: upper bound")
     p.add_argument("--max-tokens", type=int, default=None, help="packed tokens per step (default 32768)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -80,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mc-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50, help="history record (and progress line) every N steps")
-    p.add_argument("--train-minutes", type=float, default=15.0,
-                   help="safety valve: stop training after this much training time, summed over calls, even "
-                   "before --steps (reported)")
+    p.add_argument("--train-minutes", type=float, default=12.0,
+                   help="training time, summed over calls: what `--steps auto` fills, and a safety valve for a "
+                   "fixed --steps (training stops there, reported)")
     p.add_argument("--autocast", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast over float32 weights in training: auto = on a GPU; `on` tries the GPU's "
                         "precision path on a CPU smoke run")
@@ -99,11 +109,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after-sides", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     smoke = args.smoke
-    for key, full, small in (("flavour", "study", "debug"), ("steps", 2400, 6), ("max_tokens", 32768, 2048),
+    for key, full, small in (("flavour", "study", "debug"), ("steps", "auto", 6), ("max_tokens", 32768, 2048),
+                             ("calibrate_steps", 100, 2),
                              ("train_sides", "448,768,1024,1440", "120,180"), ("frame", "1440,2000", "240,300"),
                              ("eval_sides", "448,768,1024,1440", "120,180"), ("items_per_kind", 100, 2)):
         if getattr(args, key) is None:
             setattr(args, key, small if smoke else full)
+    if str(args.steps) != "auto":
+        try:
+            args.steps = int(args.steps)
+        except ValueError:
+            raise ValueError(f"--steps must be a number or auto, got {args.steps!r}") from None
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    elif not 0 < args.calibrate_steps < args.max_steps:
+        raise ValueError(f"--steps auto needs 0 < --calibrate-steps ({args.calibrate_steps}) < --max-steps "
+                         f"({args.max_steps})")
     args.train_sides = [int(s) for s in str(args.train_sides).split(",")]
     args.eval_sides = [int(s) for s in str(args.eval_sides).split(",")]
     frame = [int(s) for s in str(args.frame).split(",")]
@@ -211,20 +232,20 @@ def data_cost(args: argparse.Namespace, tokenizer_dir: str) -> dict[str, Any]:
             "prep_ms": {str(s): 1e3 * mean(v) for s, v in prep_s.items()},
             "tokens": {str(s): mean(v) for s, v in tokens.items()}, "scene_ms": 1e3 * scene_s,
             "tokens_per_scene": scene_tokens, "cpu_s_per_step": step_cpu_s, "workers": args.workers,
-            "steps_per_s": steps_per_s, "minutes_for_steps": args.steps / steps_per_s / 60}
+            "steps_per_s": steps_per_s, "minutes_for_2400_steps": 2400 / steps_per_s / 60}
     print(f"per scene: draw {cost['draw_ms']:.1f} ms at {args.frame[0]}-{args.frame[1]} px; preprocess "
           + ", ".join(f"{s} px {cost['prep_ms'][str(s)]:.1f} ms / {cost['tokens'][str(s)]:.0f} tokens"
                       for s in args.train_sides))
     print(f"mean {scene_tokens:.0f} tokens and {1e3 * scene_s:.1f} CPU-ms per scene -> {step_cpu_s:.2f} CPU-s per "
           f"step of {args.max_tokens} tokens; {args.workers} workers sustain ~{steps_per_s:.1f} steps/s "
-          f"({cost['minutes_for_steps']:.1f} min for {args.steps} steps; main process and packing not counted)")
+          f"({cost['minutes_for_2400_steps']:.1f} min for 2400 steps; main process and packing not counted)")
     return cost
 
 
 # ----------------------------------------------------------------------------------------------- state
 # The study's identity: a rerun must agree on these to resume (runtime knobs like --workers may change).
 STUDY_KEYS = ("smoke", "flavour", "level", "steps", "max_tokens", "lr", "warmup_ratio", "train_sides", "eval_sides",
-              "frame", "items_per_kind", "mc_fraction", "seed", "autocast")
+              "frame", "items_per_kind", "mc_fraction", "seed", "autocast", "calibrate_steps", "max_steps")
 
 
 @dataclass
@@ -232,6 +253,7 @@ class TrainState:
     """Training progress, saved with the weights in one file (so the two never disagree)."""
 
     step: int = 0
+    total_steps: int = 0  # the schedule's length: --steps, or fixed by the calibration under --steps auto (0: not yet)
     segments: int = 0  # training segments started (one per call that trains): the scene stream offset
     train_s: float = 0.0  # training seconds summed over calls: what --train-minutes limits
     tokens: int = 0
@@ -329,7 +351,35 @@ def build_optimizer(model: Any, args: argparse.Namespace, device: torch.device) 
     optim = OptimConfig(lr=args.lr, weight_decay=0.1, warmup_ratio=args.warmup_ratio, scheduler="cosine")
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, optim.weight_decay)]
     optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if args.steps == "auto":
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, TimedSchedule(args.calibrate_steps))
     return optimizer, build_scheduler(optimizer, optim.scheduler, args.steps, optim.warmup_ratio)
+
+
+class TimedSchedule:
+    """`--steps auto`'s LR factor: linear warm-up over the calibration steps ((s+1)/(w+1), as the project's
+    schedules), then cosine to 0 at `total`, which the calibration sets once it has measured the pace. Plain ints
+    only: LambdaLR saves a callable object's attributes in its state_dict."""
+
+    def __init__(self, warmup: int, total: int = 0) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup or not self.total:
+            return min(1.0, (step + 1) / (self.warmup + 1))
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fix_schedule(args: argparse.Namespace, ts: TrainState, scheduler: Any, pace: float, elapsed_s: float) -> None:
+    """Calibration done: the number of steps that the measured pace fits into what is left of --train-minutes
+    (less 8 % for the pace's noise), at least one more step, at most --max-steps."""
+    left_s = 60 * args.train_minutes - elapsed_s
+    ts.total_steps = max(ts.step + 1, min(args.max_steps, ts.step + int(0.92 * pace * left_s)))
+    scheduler.lr_lambdas[0].total = ts.total_steps
+    print(f"calibration: {pace:.2f} steps/s after {ts.step} steps -> the schedule ends at step {ts.step} + "
+          f"{ts.total_steps - ts.step} = {ts.total_steps} ({left_s / 60:.1f} of --train-minutes {args.train_minutes:g}"
+          f" left, 8 % margin, --max-steps {args.max_steps})", flush=True)
 
 
 def train(model: Any, optimizer: Any, scheduler: Any, args: argparse.Namespace, tokenizer_dir: str,
@@ -342,7 +392,10 @@ def train(model: Any, optimizer: Any, scheduler: Any, args: argparse.Namespace, 
     model.train()
     stream = micro_batches(tokenizer_dir, args, segment=ts.segments)
     ts.segments += 1
-    for step in range(ts.step + 1, args.steps + 1):
+    paced: list[tuple[int, float]] = []  # (step, time) of this call's steps: the calibration's pace
+    step = ts.step
+    while step < (ts.total_steps or args.max_steps):
+        step += 1
         mb = next(stream).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss_sum, num = model.loss(mb)
@@ -355,18 +408,25 @@ def train(model: Any, optimizer: Any, scheduler: Any, args: argparse.Namespace, 
         ts.window_tokens += int(num)
         ts.tokens += mb.num_tokens
         ts.step = step
-        ts.done = step == args.steps
+        if not ts.total_steps:
+            paced.append((step, time.perf_counter()))
+            if step >= args.calibrate_steps:
+                # pace over the later half of this call's steps: the first ones carry compilation and warm-up
+                (s0, t_0), now = paced[len(paced) // 2], time.perf_counter()
+                pace = (step - s0) / (now - t_0) if step > s0 else 1.0 / max(now - t0, 1e-9)
+                fix_schedule(args, ts, scheduler, pace, base_s + now - t0)
+        ts.done = step == ts.total_steps
         if step % args.log_every == 0 or ts.done:
             elapsed = base_s + time.perf_counter() - t0
             record = {"step": step, "loss": float(window_loss) / max(ts.window_tokens, 1), "tokens": ts.tokens,
                       "elapsed_s": elapsed, "tokens_per_s": ts.tokens / elapsed, "lr": scheduler.get_last_lr()[0]}
             ts.history.append(record)
-            print(f"step {step}/{args.steps} loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s "
+            print(f"step {step}/{ts.total_steps or '?'} loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s "
                   f"{elapsed:.0f} s", flush=True)
             window_loss.zero_()
             ts.window_tokens = 0
             if elapsed > 60 * args.train_minutes and not ts.done:
-                print(f"time limit: stopping at step {step} of {args.steps} (the schedule did not finish)")
+                print(f"time limit: stopping at step {step} of {ts.total_steps or '?'} (the schedule did not finish)")
                 ts.done = ts.stopped_early = True
         if ts.done or budget.stop_training(step - first):
             break
@@ -493,7 +553,8 @@ def restore(state: StudyState, args: argparse.Namespace, model: Any, optimizer: 
     """The saved progress loaded into the fresh model / optimizer / scheduler, or a fresh start."""
     if not state.exists():
         print(f"no study state in {state.dir}: starting a new study", flush=True)
-        return TrainState(), {"config": study_config(args), "eval": {}, "eval_s": {}, "calls": []}
+        ts = TrainState(total_steps=0 if args.steps == "auto" else args.steps)
+        return ts, {"config": study_config(args), "eval": {}, "eval_s": {}, "calls": []}
     progress = state.load_progress(study_config(args))
     blob = state.load_train()
     model.load_state_dict(blob["model"])
@@ -501,7 +562,7 @@ def restore(state: StudyState, args: argparse.Namespace, model: Any, optimizer: 
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
     ts = blob["state"]
-    print(f"resuming {state.dir}: step {ts.step}/{args.steps}{' (training done)' if ts.done else ''}, "
+    print(f"resuming {state.dir}: step {ts.step}/{ts.total_steps or '?'}{' (training done)' if ts.done else ''}, "
           f"{len(progress['eval'])}/{len(args.eval_sides)} eval sides done, call {len(progress['calls']) + 1}",
           flush=True)
     return ts, progress
@@ -549,7 +610,7 @@ def stop_call(args: argparse.Namespace, state: StudyState, progress: dict[str, A
               and budget.elapsed() >= budget.seconds else "stop hook")
     call["stopped"], call["wall_s"] = reason, budget.elapsed()
     state.save_progress(progress)
-    print(f"stopped this call after {call['wall_s'] / 60:.1f} min ({reason}) at step {ts.step}/{args.steps}, "
+    print(f"stopped this call after {call['wall_s'] / 60:.1f} min ({reason}) at step {ts.step}/{ts.total_steps or '?'}, "
           f"{len(progress['eval'])}/{len(args.eval_sides)} eval sides done; state in {state.dir}: run the same "
           "command again to continue", flush=True)
     return {"finished": False, "state": str(state.dir), "step": ts.step, "eval_sides_done": list(progress["eval"])}
@@ -563,7 +624,8 @@ def finish(args: argparse.Namespace, progress: dict[str, Any], ts: TrainState, n
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"device": device_name, "flavour": args.flavour, "params_m": num_params / 1e6, "level": args.level,
-               "steps": args.steps, "steps_done": ts.step, "max_tokens": args.max_tokens,
+               "steps": ts.total_steps, "steps_mode": "auto" if args.steps == "auto" else "fixed",
+               "steps_done": ts.step, "max_tokens": args.max_tokens,
                "train_sides": args.train_sides, "frame_long_side": args.frame, "items_per_kind": args.items_per_kind,
                "train_s": train_s, "eval_s": eval_s, "train_tokens": ts.tokens,
                "accuracy": {str(k): v for k, v in results.items()}, "history": ts.history,
@@ -571,7 +633,7 @@ def finish(args: argparse.Namespace, progress: dict[str, Any], ts: TrainState, n
                "no_image_control": {"long_side": min(args.eval_sides), "accuracy": progress["control"]}}
     (out / "resolution_study.json").write_text(json.dumps(summary, indent=1))
     text = table(results, args.items_per_kind, (min(args.eval_sides), progress["control"]))
-    title = (f"{args.flavour} Fuyu ({num_params / 1e6:.0f} M) from scratch, {args.steps} steps, "
+    title = (f"{args.flavour} Fuyu ({num_params / 1e6:.0f} M) from scratch, {ts.step} steps, "
              f"trained at {'/'.join(map(str, args.train_sides))} px, {device_name}")
     plot(results, title, out / "resolution_study.png", progress["control"])
     (out / "resolution_study.md").write_text(text + "\n")

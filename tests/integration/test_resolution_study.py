@@ -126,3 +126,29 @@ def test_smoke_trains_under_bf16_autocast_as_on_the_gpu(study, tmp_path):
     summary = study.main(_argv(tmp_path / "out", "--autocast", "on"))
     assert summary["finished"] and summary["steps_done"] == 8
     assert all(h["loss"] == h["loss"] and h["loss"] > 0 for h in summary["history"])  # finite, not NaN
+
+
+@pytest.mark.timeout(120)
+def test_auto_steps_calibrate_then_fix_the_schedule_across_calls(study, tmp_path, capsys):
+    # --steps auto: warm-up over the calibration steps, then the measured pace fixes the cosine's length (here the
+    # --max-steps cap binds, which keeps the test deterministic); a call that stops before the calibration resumes
+    # into it.
+    out = tmp_path / "out"
+    argv = ["--smoke", "--workers", "0", "--steps", "auto", "--calibrate-steps", "3", "--max-steps", "9",
+            "--train-minutes", "30", "--log-every", "1", "--out", str(out)]
+    first = study.main([*argv, "--stop-after-steps", "2"])
+    assert first["step"] == 2 and not first["finished"]
+    assert "calibration" not in capsys.readouterr().out
+    summary = study.main(argv)
+    assert "the schedule ends at step 3 + 6 = 9" in capsys.readouterr().out
+    assert summary["finished"] and summary["steps_mode"] == "auto" and summary["steps"] == summary["steps_done"] == 9
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs[0] < lrs[2] and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # warm-up, then cosine down to 0
+    assert [h["step"] for h in summary["history"]] == list(range(1, 10))
+
+
+def test_steps_must_be_a_number_or_auto(study, tmp_path):
+    with pytest.raises(ValueError, match="--steps must be a number or auto"):
+        study.parse_args(["--steps", "many", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--calibrate-steps"):
+        study.parse_args(["--steps", "auto", "--calibrate-steps", "50", "--max-steps", "50", "--out", str(tmp_path)])
