@@ -221,3 +221,26 @@ def test_mfu_flops_count_frozen_base_without_weight_gradients():
                and n != "embed_tokens.weight")
     adapters_n = sum(p.numel() for p in adapter_state_dict(model).values())
     assert flops_per_token(model, 10.0) == full - 2.0 * base + 6.0 * adapters_n
+
+
+def test_adapters_incl_lm_head_and_vision_train_under_bf16_autocast():
+    # The torch engine's bf16 is float32 weights under autocast: the adapters' low-rank terms, the lm_head adapter's
+    # extra loss columns and the vision adapter must all run there and give finite gradients to every adapter.
+    from otterhd_ray.config import LoraConfig
+    from tests.helpers import pack, sample
+
+    torch.manual_seed(0)
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head", "vision_embed_tokens"]
+    model = apply_lora_config(new_model(CFG, attention="sdpa", lean_step=True),
+                              LoraConfig(enabled=True, r=4, dropout=0.0, targets=targets))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 at init would leave A's gradient 0: make both live
+    batch = pack([sample(CFG, 2, 3, 6, 0, 3), sample(CFG, 3, 2, 5, 2, 5)])
+    ref, _ = model.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, _ = model.loss(batch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_sum, trainable)
+    assert abs(loss_sum.item() - ref.item()) < 0.02 * ref.item()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
