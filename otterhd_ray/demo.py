@@ -364,9 +364,10 @@ def drop_known_benign_stderr(patterns: tuple[str, ...] = KNOWN_BENIGN_STDERR) ->
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(saved_fd, 2)  # closes the pipe's last write end: the thread sees EOF and ends
+        os.dup2(saved_fd, 2)  # closes our write end; the thread sees EOF and ends
         thread.join(timeout=5)
-        os.close(saved_fd)
+        if not thread.is_alive():  # a child started meanwhile may hold the pipe: then its lines keep flowing
+            os.close(saved_fd)
 
 
 def start_ray(cfg: FinetuneConfig, verbose: bool) -> None:
