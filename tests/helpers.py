@@ -127,3 +127,34 @@ def reset_distributed() -> None:
 
     ds_comm.cdb = None
     ds_groups._WORLD_GROUP = None
+
+
+# ------------------------------------------------------------------------------------------------ training data
+def synth_train_dir(root: Path, **synth: Any) -> Path:
+    """Synthetic shards under `root/train` (+ benchmark when asked) and the tiny tokenizer under `root/tokenizer`:
+    the data of the in-process and Ray training tests (`synth`: `otterhd_ray.data.synth.synthesize` keywords)."""
+    from otterhd_ray.data.synth import synthesize
+    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
+
+    synthesize(root, **synth)
+    build_tiny_tokenizer(root / "tokenizer")
+    return root
+
+
+def data_overrides(data_dir: Path) -> list[str]:
+    """The `data.*` overrides that point a fine-tune config at `synth_train_dir`'s shards, tokenizer and cache."""
+    return [f"data.datasets=[{{name: synth, path: {data_dir / 'train'}}}]",
+            f"data.tokenizer_path={data_dir / 'tokenizer'}", f"data.index_cache_dir={data_dir / 'index'}"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU tests
+def wide_debug_config() -> Any:
+    """The debug layout widened so the bf16 kernels take their real paths (head dim 64 like Fuyu-8B)."""
+    from otterhd_ray.models.fuyu import flavour_config
+
+    return flavour_config("debug").replace(hidden_size=256, intermediate_size=1024, num_heads=4, num_layers=3)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of `a` against `b`, in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

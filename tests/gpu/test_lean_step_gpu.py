@@ -8,17 +8,14 @@ import functools
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import IGNORE_INDEX, PackedBatch, flavour_config, new_model
+from otterhd_ray.models.fuyu import IGNORE_INDEX, PackedBatch, new_model
 from otterhd_ray.ops import fused, loss
+from tests.helpers import rel_err, wide_debug_config
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
-CFG = flavour_config("debug").replace(hidden_size=256, intermediate_size=1024, num_heads=4, num_layers=3)
+CFG = wide_debug_config()
 IMG = CFG.image_token_id
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def batch_of(shapes, num_targets: int = 8, seed: int = 0) -> PackedBatch:

@@ -6,18 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model, normalize_patches, save_hf
+from otterhd_ray.models.fuyu import PackedBatch, new_model, normalize_patches, save_hf
 from otterhd_ray.models.fuyu.lora import TARGETS, LoraSpec, adapters, add_lora
 from otterhd_ray.models.fuyu.peft import save_peft_adapter
+from tests.helpers import rel_err, wide_debug_config
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
-CFG = flavour_config("debug").replace(hidden_size=256, intermediate_size=1024, num_heads=4, num_layers=3)
+CFG = wide_debug_config()
 IMG = CFG.image_token_id
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def packed(seed: int = 0) -> PackedBatch:

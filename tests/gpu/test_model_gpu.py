@@ -8,19 +8,15 @@ import importlib.util
 import pytest
 import torch
 
-from otterhd_ray.models.fuyu import flavour_config, new_model, normalize_patches, save_hf
+from otterhd_ray.models.fuyu import new_model, normalize_patches, save_hf
 from otterhd_ray.ops.attention import available_backends, packed_attention
 from tests import helpers
+from tests.helpers import rel_err, wide_debug_config
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
-# Wider than the CPU debug model so the bf16 kernels take their real paths (head dim 64 like Fuyu-8B).
-CFG = flavour_config("debug").replace(hidden_size=256, intermediate_size=1024, num_heads=4, num_layers=3)
+CFG = wide_debug_config()
 IMG = CFG.image_token_id
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def sample(rows, cols, num_text, seed, num_targets=8):

@@ -16,46 +16,28 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 from otterhd_ray.config import FinetuneConfig, load_finetune_config  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
+from tests.helpers import data_overrides, reset_distributed, synth_train_dir  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
         "lora.targets=[query_key_value, dense, dense_h_to_4h, dense_4h_to_h, lm_head]"]
 
 
-def _reset_distributed() -> None:
-    """Tear down the 1-rank gloo group DeepSpeed made in this process, and DeepSpeed's caches of it (its cached
-    world-group clone outlives `destroy_process_group` and breaks the next module's `deepspeed.initialize`)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.utils.groups as ds_groups
-
-    ds_comm.cdb = None
-    ds_groups._WORLD_GROUP = None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _release_process_group():
-    _reset_distributed()  # an earlier module may have left its group behind
+    reset_distributed()  # an earlier module may have left its group behind
     yield
-    _reset_distributed()
+    reset_distributed()
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("lora_data")
-    synthesize(root, num_train=16, num_bench=0, seed=3, rows_per_file=8)
-    build_tiny_tokenizer(root / "tokenizer")
-    return root
+    return synth_train_dir(tmp_path_factory.mktemp("lora_data"), num_train=16, num_bench=0, seed=3, rows_per_file=8)
 
 
 def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     return load_finetune_config(None, [
-        f"data.datasets=[{{name: synth, path: {data_dir / 'train'}}}]",
-        f"data.tokenizer_path={data_dir / 'tokenizer'}", f"data.index_cache_dir={data_dir / 'index'}",
+        *data_overrides(data_dir),
         "data.max_tokens=512", "data.buckets.long_sides=[240]", "data.buckets.native=false",
         "optim.lr=1e-2", "optim.warmup_ratio=0.1", "train.epochs=2", "train.log_every_steps=1",
         "train.precision=fp32", f"train.output_dir={out}", "model.attention=eager",

@@ -25,7 +25,7 @@ from otterhd_ray.config import ConfigError, FinetuneConfig, load_finetune_config
 from otterhd_ray.models.fuyu import FuyuForCausalLM, flavour_config  # noqa: E402
 from otterhd_ray.train.evaluation import answer_items, due, load_items  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
-from tests.helpers import reset_distributed  # noqa: E402
+from tests.helpers import data_overrides, reset_distributed, synth_train_dir  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 NUM_TRAIN, NUM_BENCH, EVAL_ITEMS = 16, 7, 5
@@ -42,19 +42,12 @@ def _release_process_group():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("train_eval_data")
-    synthesize(root, num_train=NUM_TRAIN, num_bench=NUM_BENCH, seed=4, rows_per_file=8)
-    build_tiny_tokenizer(root / "tokenizer")
-    return root
+    return synth_train_dir(tmp_path_factory.mktemp("train_eval_data"), num_train=NUM_TRAIN, num_bench=NUM_BENCH, seed=4, rows_per_file=8)
 
 
 def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     return load_finetune_config(None, [
-        f"data.datasets=[{{name: synth, path: {data_dir / 'train'}}}]",
-        f"data.tokenizer_path={data_dir / 'tokenizer'}", f"data.index_cache_dir={data_dir / 'index'}",
+        *data_overrides(data_dir),
         "data.max_tokens=512", "data.buckets.long_sides=[240]", "data.buckets.native=false",
         "optim.lr=2e-3", "optim.warmup_ratio=0.1", "train.epochs=2", "train.log_every_steps=1",
         "train.precision=fp32", "train.log_samples=true", "train.checkpoint_every_steps=3",

@@ -20,7 +20,7 @@ from otterhd_ray.data.buckets import assemble  # noqa: E402
 from otterhd_ray.models.fuyu import PackedBatch, flavour_config, new_model  # noqa: E402
 from otterhd_ray.train.engine import build_engine  # noqa: E402
 from otterhd_ray.train.loop import InjectedStop, LocalContext, train_loop_per_worker  # noqa: E402
-from tests.helpers import sample, train_rows  # noqa: E402
+from tests.helpers import data_overrides, reset_distributed, sample, synth_train_dir, train_rows  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 CFG = flavour_config("debug")
@@ -30,11 +30,7 @@ CFG = flavour_config("debug")
 def _release_process_group():
     """DeepSpeed initialises a 1-rank gloo group in this process: tear it down for the tests that follow."""
     yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    import deepspeed.comm.comm as ds_comm
-
-    ds_comm.cdb = None
+    reset_distributed()
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -99,20 +95,12 @@ def test_accumulated_micro_steps_equal_one_big_batch(name):
 # ------------------------------------------------------------------------------------------ the loop
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("train_data")
-    synthesize(root, num_train=20, num_bench=0, seed=3, rows_per_file=10)
-    build_tiny_tokenizer(root / "tokenizer")
-    return root
+    return synth_train_dir(tmp_path_factory.mktemp("train_data"), num_train=20, num_bench=0, seed=3, rows_per_file=10)
 
 
 def _cfg(data_dir: Path, out: Path, *overrides: str) -> FinetuneConfig:
     return load_finetune_config(None, [
-        f"data.datasets=[{{name: synth, path: {data_dir / 'train'}}}]",
-        f"data.tokenizer_path={data_dir / 'tokenizer'}",
-        f"data.index_cache_dir={data_dir / 'index'}",
+        *data_overrides(data_dir),
         "data.max_tokens=512", "data.buckets.long_sides=[240]", "data.buckets.native=false",
         "optim.lr=2e-3", "optim.warmup_ratio=0.1", "optim.weight_decay=0.1",
         "train.epochs=2", "train.log_every_steps=1", "train.precision=fp32", "train.log_samples=true",

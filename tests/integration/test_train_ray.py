@@ -18,6 +18,7 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".venv" / "torch_extensions"))
 
 from otterhd_ray.config import load_finetune_config  # noqa: E402
+from tests.helpers import data_overrides, synth_train_dir  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 NUM_TRAIN = 24
@@ -34,20 +35,12 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from otterhd_ray.data.synth import synthesize
-    from otterhd_ray.data.tokenizer import build_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("ray_train_data")
-    synthesize(root, num_train=NUM_TRAIN, num_bench=0, seed=5, rows_per_file=8)
-    build_tiny_tokenizer(root / "tokenizer")
-    return root
+    return synth_train_dir(tmp_path_factory.mktemp("ray_train_data"), num_train=NUM_TRAIN, num_bench=0, seed=5, rows_per_file=8)
 
 
 def _cfg(data_dir: Path, out: Path, *overrides: str):
     return load_finetune_config(None, [
-        f"data.datasets=[{{name: synth, path: {data_dir / 'train'}}}]",
-        f"data.tokenizer_path={data_dir / 'tokenizer'}",
-        f"data.index_cache_dir={data_dir / 'index'}",
+        *data_overrides(data_dir),
         "data.max_tokens=512", "data.buckets.long_sides=[240]", "data.buckets.native=false",
         "data.preprocess_batch_size=4",
         "optim.lr=2e-3", "optim.warmup_ratio=0.1",

@@ -159,14 +159,8 @@ FLAVOURS: dict[str, FuyuModelConfig] = {
     "demo": _DEBUG.replace(hidden_size=128, intermediate_size=512),
     # Small from-scratch model for the resolution study and the GPU loss-parity run (~88 M parameters with
     # the tiny tokenizer's vocabulary): the 8B's layout (qk-LayerNorm, partial rotary, relu²) at 1/5 width.
-    "study": FuyuModelConfig(
-        vocab_size=576,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_layers=12,
-        num_heads=12,
-        max_position_embeddings=16_384,
-        image_token_id=259,
+    "study": _DEBUG.replace(
+        hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, max_position_embeddings=16_384
     ),
 }
 
